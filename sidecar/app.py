@@ -1,0 +1,64 @@
+"""The aiohttp application: the receivers plus /healthz, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar.forwarder.forwarder import Forwarder
+from sidecar.metrics import Metrics
+from sidecar.receivers.precogx import IngestReceiver, json_response
+from sidecar.spool import Spool
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+READY_DETAIL = {
+    "ok": "accepting events and delivering them",
+    "no_api_key": "accepting and spooling events; forwarding waits for a PrecogX API key",
+    "upstream_failing": "accepting events; PrecogX is failing, deliveries are being retried",
+    "auth_rejected": "accepting events; PrecogX rejects the API key, forwarding is paused",
+    "spool_full": "refusing events: the spool is full",
+    "spool_unwritable": "refusing events: the spool cannot commit",
+    "shutting_down": "shutting down",
+}
+
+
+def readiness(receiver: IngestReceiver, spool: Spool, forwarder: Forwarder) -> str:
+    if not receiver.accepting:
+        return "shutting_down"
+    if spool.write_error:
+        return "spool_unwritable"
+    if spool.config.when_full == "reject" and spool.is_full():
+        return "spool_full"
+    return forwarder.state
+
+
+def build_app(
+    receiver: IngestReceiver, spool: Spool, forwarder: Forwarder, metrics: Metrics
+) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return json_response(200, {"status": "alive"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        state = readiness(receiver, spool, forwarder)
+        body = {
+            "status": state,
+            "detail": READY_DETAIL[state],
+            "spool": {"pending": spool.counts.pending, "dead": spool.counts.dead,
+                      "bytes": spool.counts.bytes},
+        }
+        return json_response(200 if state == "ok" else 503, body)
+
+    async def metrics_page(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})
+
+    # aiohttp enforces client_max_size while reading; the receiver turns it into our 413.
+    app = web.Application(client_max_size=receiver.config.max_body_bytes)
+    app.add_routes(
+        [
+            *receiver.routes(),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics_page),
+        ]
+    )
+    return app

@@ -1,0 +1,292 @@
+"""Every setting the sidecar has, with its default, in one place.
+
+Settings come from three layers, later ones winning: the defaults below, a TOML
+file (``--config`` or ``PRECOGX_SIDECAR_CONFIG``) and environment variables named
+``PRECOGX_SIDECAR_<SECTION>_<KEY>``. A bad value stops start-up with one line
+that names the key, the problem and where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PRECOGX_SIDECAR_"
+ENV_CONFIG_FILE = "PRECOGX_SIDECAR_CONFIG"
+ENV_API_KEY = "PRECOGX_API_KEY"
+ENV_INGEST_TOKEN = "PRECOGX_SIDECAR_INGEST_TOKEN"
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; ``str()`` is the one line shown to the operator."""
+
+
+def _opt(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    doc: str = "",
+) -> Any:
+    return field(
+        default=default,
+        metadata={"ge": ge, "gt": gt, "choices": choices, "secret": secret, "doc": doc},
+    )
+
+
+@dataclass
+class ServerConfig:
+    host: str = _opt("127.0.0.1", doc="address to listen on")
+    port: int = _opt(8787, ge=0, doc="TCP port (0 picks a free one)")
+    ingest_token: str = _opt("", secret=True, doc="token clients must send")
+    allow_unauthenticated: bool = _opt(False, doc="allow no token on a non-loopback host")
+    max_body_bytes: int = _opt(MIB, ge=1024, doc="largest request body accepted")
+    idempotency_ttl_s: float = _opt(86400.0, gt=0, doc="how long Idempotency-Keys are kept")
+    shutdown_grace_s: float = _opt(10.0, ge=0, doc="time in-flight upstream requests get")
+
+
+@dataclass
+class SpoolConfig:
+    path: str = _opt("./precogx-spool.db", doc="SQLite file holding undelivered events")
+    max_events: int = _opt(1_000_000, ge=1, doc="events (pending + dead) the spool may hold")
+    max_bytes: int = _opt(1024 * MIB, ge=MIB, doc="payload bytes the spool may hold")
+    when_full: str = _opt("reject", choices=("reject", "drop_oldest"), doc="full spool policy")
+    synchronous: str = _opt("FULL", choices=("FULL", "NORMAL"), doc="SQLite durability level")
+    commit_max_events: int = _opt(5000, ge=1, doc="most events in one group commit")
+    checkpoint_interval_s: float = _opt(1.0, gt=0, doc="how often the WAL is checkpointed")
+
+
+@dataclass
+class UpstreamConfig:
+    url: str = _opt("https://api.precogx.ai/api/v1", doc="PrecogX API base URL")
+    api_key_file: str = _opt("", doc="file holding the API key (else env PRECOGX_API_KEY)")
+    mode: str = _opt("batch", choices=("batch", "single"), doc="one request per batch or event")
+    batch_max_events: int = _opt(100, ge=1, doc="events per batch")
+    batch_max_bytes: int = _opt(MIB, ge=1024, doc="payload bytes per batch")
+    linger_ms: int = _opt(500, ge=0, doc="how long a part-filled batch waits")
+    concurrency: int = _opt(2, ge=1, doc="upstream requests in flight")
+    timeout_s: float = _opt(30.0, gt=0, doc="one upstream request's time limit")
+    requests_per_minute: float = _opt(0.0, ge=0, doc="request rate limit (0 = none)")
+    burst: int = _opt(0, ge=0, doc="requests allowed at once (0 = requests_per_minute)")
+
+
+@dataclass
+class RetryConfig:
+    initial_backoff_s: float = _opt(1.0, gt=0, doc="first retry delay (full jitter)")
+    max_backoff_s: float = _opt(300.0, gt=0, doc="longest retry delay")
+    max_age_s: float = _opt(7 * 86400.0, gt=0, doc="dead-letter events older than this")
+
+
+@dataclass
+class LogConfig:
+    level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="log level")
+    format: str = _opt("text", choices=("text", "json"), doc="log line format")
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="defaults", compare=False)
+
+    def sections(self) -> dict[str, Any]:
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.name != "source"}
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration; raise ConfigError naming the first bad key."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG_FILE) or None
+    raw = _read_toml(path) if path else {}
+    config = Config(source=path or "defaults")
+    _apply_file(config, raw, path or "")
+    _apply_env(config, env)
+    if env.get(ENV_INGEST_TOKEN):
+        config.server.ingest_token = env[ENV_INGEST_TOKEN]
+    _check_cross_field(config)
+    return config
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def _apply_file(config: Config, raw: dict[str, Any], path: str) -> None:
+    sections = config.sections()
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section in {path} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: must be a [{name}] table in {path}")
+        for key, value in values.items():
+            _set(sections[name], f"{name}.{key}", key, value, f"in {path}")
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> None:
+    for section_name, section in config.sections().items():
+        for f in dataclasses.fields(section):
+            var = f"{ENV_PREFIX}{section_name}_{f.name}".upper()
+            if var in env:
+                value = _parse_env(f.type, env[var], f"{section_name}.{f.name}", var)
+                _set(section, f"{section_name}.{f.name}", f.name, value, f"from env {var}")
+
+
+def _parse_env(type_name: Any, text: str, key: str, var: str) -> Any:
+    try:
+        if type_name == "bool":
+            if text.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if type_name == "int":
+            return int(text)
+        if type_name == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {type_name}, got {text!r} (from env {var})") from None
+    return text
+
+
+def _set(section: Any, key: str, name: str, value: Any, origin: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        known = ", ".join(fields)
+        raise ConfigError(f"{key}: unknown key {origin} (known in this section: {known})")
+    f = fields[name]
+    value = _check_type(f.type, value, key, origin, secret=f.metadata["secret"])
+    _check_bounds(f.metadata, value, key, origin)
+    setattr(section, name, value)
+
+
+def _check_type(type_name: Any, value: Any, key: str, origin: str, *, secret: bool) -> Any:
+    shown = "(hidden)" if secret else repr(value)
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+    }[type_name]
+    if not ok:
+        raise ConfigError(f"{key}: expected {type_name}, got {shown} {origin}")
+    if type_name == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {shown} {origin}")
+    return value
+
+
+def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) -> None:
+    if meta["ge"] is not None and value < meta["ge"]:
+        raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value!r} {origin}")
+    if meta["gt"] is not None and value <= meta["gt"]:
+        raise ConfigError(f"{key}: must be > {meta['gt']}, got {value!r} {origin}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        options = " or ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key}: must be {options}, got {value!r} {origin}")
+
+
+def _check_cross_field(config: Config) -> None:
+    url = config.upstream.url
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream.url: must start with http:// or https://, got {url!r}")
+    if config.retry.max_backoff_s < config.retry.initial_backoff_s:
+        raise ConfigError(
+            "retry.max_backoff_s: must be >= retry.initial_backoff_s "
+            f"({config.retry.max_backoff_s} < {config.retry.initial_backoff_s})"
+        )
+    if config.spool.path.strip() == "":
+        raise ConfigError("spool.path: must not be empty")
+    if config.upstream.batch_max_bytes > config.spool.max_bytes:
+        raise ConfigError("upstream.batch_max_bytes: must not exceed spool.max_bytes")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen_auth(config: Config) -> str | None:
+    """Refuse an open, token-less listener; return a warning when the operator allowed it."""
+    server = config.server
+    if server.ingest_token or is_loopback(server.host):
+        return None
+    if server.allow_unauthenticated:
+        return (
+            f"listening on {server.host} without an ingest token "
+            "(server.allow_unauthenticated = true): anyone who can reach it can write events"
+        )
+    raise ConfigError(
+        f"server.ingest_token: required when server.host is not loopback ({server.host!r}); "
+        f"set it or env {ENV_INGEST_TOKEN}, or set server.allow_unauthenticated = true"
+    )
+
+
+def read_api_key(config: Config, env: Mapping[str, str] | None = None) -> str:
+    """The upstream key from ``upstream.api_key_file`` or env, '' when none is set.
+
+    Read again on SIGHUP, so a rotated key file takes effect without a restart.
+    """
+    env = os.environ if env is None else env
+    path = config.upstream.api_key_file
+    if path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"upstream.api_key_file: cannot read {path}: {e.strerror}") from None
+        if not key:
+            raise ConfigError(f"upstream.api_key_file: {path} is empty")
+        return key
+    return env.get(ENV_API_KEY, "").strip()
+
+
+def render(config: Config, api_key_state: str) -> str:
+    """The effective configuration as TOML, secrets masked, for ``check-config``."""
+    lines = [
+        f"# effective configuration (from {config.source})",
+        f"# upstream API key: {api_key_state}",
+    ]
+    for section_name, section in config.sections().items():
+        lines.append(f"\n[{section_name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata["secret"]:
+                lines.append(f'{f.name} = "{"********" if value else ""}"')
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)

@@ -1,0 +1,1 @@
+"""Stage 4: batches from the spool to PrecogX, with retry, pacing and dead letters."""

@@ -1,0 +1,55 @@
+"""One hold for the whole forwarder while the upstream fails.
+
+Without it, ``concurrency`` batches would each retry on their own schedule and a
+struggling upstream would see a burst at every backoff. With it, the first failure
+opens the circuit: everyone waits out one delay, then a single probe goes; its
+success closes the circuit, its failure opens it again for a longer delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+
+class Circuit:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = 0
+        self._clock = clock
+        self._open_until = 0.0
+        self._probe = asyncio.Lock()
+        self._woken = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures > 0
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold the caller while open; then let one request through at a time."""
+        if not self.failures:
+            yield
+            return
+        async with self._probe:
+            await self._wait_out_hold()
+            yield
+
+    async def _wait_out_hold(self) -> None:
+        while self.failures and (remaining := self._open_until - self._clock()) > 0:
+            self._woken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), remaining)
+
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def record_failure(self, delay_s: float) -> None:
+        self.failures += 1
+        self._open_until = self._clock() + delay_s
+
+    def cut_short(self) -> None:
+        """End the current hold now (a new API key arrived): the probe goes at once."""
+        self._open_until = self._clock()
+        self._woken.set()

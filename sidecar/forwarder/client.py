@@ -1,0 +1,65 @@
+"""The upstream PrecogX API as the forwarder sees it: events in, an Outcome out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiohttp
+
+from sidecar import __version__
+from sidecar.config import UpstreamConfig
+from sidecar.forwarder.retry import Outcome
+from sidecar.spool import StoredEvent
+
+BODY_EXCERPT_BYTES = 2048
+BATCH_PATH = "/telemetry/batch"
+SINGLE_PATH = "/integrations/dify/telemetry"
+
+
+def batch_body(events: Sequence[StoredEvent]) -> bytes:
+    # The payloads are already JSON: joining bytes beats parsing and dumping them again.
+    return b'{"interactions":[' + b",".join(e.payload for e in events) + b"]}"
+
+
+class UpstreamClient:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.api_key = ""
+        base = config.url.rstrip("/")
+        self._url = base + (BATCH_PATH if config.mode == "batch" else SINGLE_PATH)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.config.concurrency + 1),
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": f"precogx-sidecar/{__version__}",
+            },
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self, events: Sequence[StoredEvent], idempotency_key: str) -> Outcome:
+        assert self._session is not None
+        body = batch_body(events) if self.config.mode == "batch" else events[0].payload
+        headers = {"x-api-key": self.api_key, "Idempotency-Key": idempotency_key}
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                excerpt = await response.content.read(BODY_EXCERPT_BYTES)
+                if len(excerpt) == BODY_EXCERPT_BYTES:
+                    excerpt += b"..."
+                return Outcome(
+                    status=response.status,
+                    retry_after=response.headers.get("Retry-After"),
+                    body=excerpt.decode("utf-8", "replace"),
+                )
+        except TimeoutError:
+            return Outcome(error="timeout", body=f"no answer within {self.config.timeout_s}s")
+        except (aiohttp.ClientError, OSError) as e:
+            return Outcome(error="connection", body=f"{type(e).__name__}: {e}"[:500])

@@ -1,0 +1,299 @@
+"""Stage 4: drain the spool to PrecogX in batches, never losing what was accepted.
+
+Three pieces, kept apart so each can be read and tested alone:
+- batching: ``_next_batch`` waits for a full batch or for ``linger_ms``;
+- pacing: the Circuit (one hold for everyone while failing) and the TokenBucket;
+- the retry policy: ``decide()`` turns each outcome into a decision, carried out here.
+
+An event leaves the spool only after a 2xx (or as a dead letter, with its reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from sidecar.config import Config
+from sidecar.forwarder.circuit import Circuit
+from sidecar.forwarder.client import UpstreamClient
+from sidecar.forwarder.ratelimit import TokenBucket
+from sidecar.forwarder.retry import (
+    DeadLetter,
+    Decision,
+    Deliver,
+    Outcome,
+    PauseAuth,
+    Retry,
+    RetryPolicy,
+    Split,
+    decide,
+    failure_reason,
+)
+from sidecar.metrics import Metrics
+from sidecar.spool import Spool, SpoolUnavailable, StoredEvent
+
+log = logging.getLogger("sidecar.forwarder")
+
+# How long to wait before looking again when the counts promised events that a claim
+# did not find (another process changed the spool under us).
+RECHECK_S = 1.0
+
+
+class Forwarder:
+    def __init__(
+        self, config: Config, spool: Spool, metrics: Metrics, client: UpstreamClient
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.metrics = metrics
+        self.client = client
+        self.policy = RetryPolicy(config.retry.initial_backoff_s, config.retry.max_backoff_s)
+        self.circuit = Circuit()
+        upstream = config.upstream
+        burst = upstream.burst or max(int(upstream.requests_per_minute), 1)
+        self.bucket = TokenBucket(upstream.requests_per_minute, burst)
+        self.batch_events = upstream.batch_max_events if upstream.mode == "batch" else 1
+        self.state = "ok"
+        self.auth_rejected = False
+        self._key_ready = asyncio.Event()
+        self._slots = asyncio.Semaphore(upstream.concurrency)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._refresh_state()
+        self._loop_task = asyncio.create_task(self._main_loop(), name="forwarder")
+
+    def set_api_key(self, key: str) -> None:
+        """A new key (start-up or SIGHUP): a paused forwarder probes with it at once."""
+        changed = key != self.client.api_key
+        self.client.api_key = key
+        if key:
+            self._key_ready.set()
+        else:
+            self._key_ready.clear()
+        if changed and self.auth_rejected:
+            self.circuit.cut_short()
+        self._refresh_state()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; give in-flight requests ``grace_s``; the rest stays spooled."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._deliveries:
+            _, late = await asyncio.wait(self._deliveries, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                log.info("shutdown: %d batches left in the spool for the next start", len(late))
+
+    # -- batching --------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        while True:
+            await self._key_ready.wait()
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._deliver(batch))
+            self._deliveries.add(task)
+            task.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+
+    async def _next_batch(self) -> list[StoredEvent]:
+        """Claim a batch once it is full or its oldest event has lingered long enough."""
+        spool = self.spool
+        linger = self.config.upstream.linger_ms / 1000
+        while True:
+            spool.data_ready.clear()
+            unclaimed = spool.unclaimed
+            if unclaimed <= 0:
+                await spool.data_ready.wait()
+                continue
+            since = spool.unclaimed_since
+            if unclaimed < self.batch_events and since is not None:
+                remaining = since + linger - time.monotonic()
+                if remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(spool.data_ready.wait(), remaining)
+                    continue
+            batch = await spool.claim(self.batch_events, self.config.upstream.batch_max_bytes)
+            if batch:
+                return batch
+            await spool.sync_external_changes()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(spool.data_ready.wait(), RECHECK_S)
+
+    # -- delivery --------------------------------------------------------------
+
+    async def _deliver(self, batch: list[StoredEvent]) -> None:
+        parts = [batch]  # a stack: splitting pushes the two halves
+        try:
+            while parts:
+                part = parts.pop()
+                halves = await self._settle(part)
+                parts.extend(reversed(halves))
+        except asyncio.CancelledError:
+            for part in parts:
+                self.spool.release(part)
+            raise
+        except SpoolUnavailable as e:
+            # Cannot record the result; the events stay pending and go again later.
+            log.error("spool unavailable while recording a delivery: %s", e)
+            for part in parts:
+                self.spool.release(part)
+
+    async def _settle(self, part: list[StoredEvent]) -> list[list[StoredEvent]]:
+        """Send until the part is delivered or dead-lettered; return halves to send instead."""
+        key = f"{self.spool.spool_id}-{part[0].id}-{part[-1].id}-{len(part)}"
+        try:
+            while True:
+                part = await self._expire(part)
+                if not part:
+                    return []
+                async with self.circuit.admit():
+                    await self._take_rate_token()
+                    outcome = await self._send(part, key)
+                    decision = decide(outcome, self.circuit.failures + 1, len(part), self.policy)
+                    done = await self._apply(decision, outcome, part)
+                if isinstance(decision, Split):
+                    mid = len(part) // 2
+                    return [part[:mid], part[mid:]]
+                if done:
+                    return []
+        except BaseException:
+            self.spool.release(part)
+            raise
+
+    async def _send(self, part: Sequence[StoredEvent], key: str) -> Outcome:
+        self.metrics.batch_size.observe(len(part))
+        started = time.monotonic()
+        outcome = await self.client.send(part, key)
+        self.metrics.upstream_request_duration.observe(time.monotonic() - started)
+        return outcome
+
+    async def _take_rate_token(self) -> None:
+        held = await self.bucket.take()
+        if held:
+            self.metrics.rate_limited_seconds.inc(held)
+
+    async def _apply(self, decision: Decision, outcome: Outcome, part: list[StoredEvent]) -> bool:
+        """Carry the decision out; True when the part needs no further sending."""
+        if isinstance(decision, Deliver):
+            await self.spool.delete(part)
+            self._delivered(part)
+            return True
+        if isinstance(decision, Split):
+            log.info("upstream answered %s for %d events: splitting", outcome.status, len(part))
+            return False
+        if isinstance(decision, DeadLetter):
+            await self._dead_letter(part, decision.reason, outcome)
+            return True
+        self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
+        self.metrics.retries.inc()
+        delay = decision.delay_s
+        if isinstance(decision, PauseAuth):
+            self._auth_failed()
+        else:
+            assert isinstance(decision, Retry)
+        self.circuit.record_failure(delay)
+        self._refresh_state(outcome)
+        await self.spool.reschedule(part, time.time() + delay, outcome.status, _describe(outcome))
+        return False
+
+    def _delivered(self, part: Sequence[StoredEvent]) -> None:
+        now = time.time()
+        self.metrics.events_delivered.inc(len(part))
+        for event in part:
+            self.metrics.delivery_latency.observe(now - event.received_at)
+        self.circuit.record_success()
+        if self.auth_rejected:
+            self.auth_rejected = False
+            self.metrics.upstream_auth_failed.set(0)
+        self._refresh_state()
+
+    async def _dead_letter(self, part: list[StoredEvent], reason: str, outcome: Outcome) -> None:
+        await self.spool.dead_letter(part, reason, outcome.status, _describe(outcome))
+        self.metrics.events_dead_lettered.labels(reason).inc(len(part))
+        if outcome.status is not None and outcome.status >= 400:
+            self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
+        log.warning(
+            "dead-lettered %d events (%s, upstream %s): see `precogx-sidecar dead-letters list`",
+            len(part), reason, outcome.status,
+        )
+        # A dead letter is a verdict on the events, not a sign the upstream is down.
+        self.circuit.record_success()
+        self._refresh_state()
+
+    async def _expire(self, part: list[StoredEvent]) -> list[StoredEvent]:
+        cutoff = time.time() - self.config.retry.max_age_s
+        expired = [e for e in part if e.received_at < cutoff]
+        if not expired:
+            return part
+        await self.spool.dead_letter(expired, "expired", None, "older than retry.max_age_s")
+        self.metrics.events_dead_lettered.labels("expired").inc(len(expired))
+        log.warning("dead-lettered %d events older than retry.max_age_s", len(expired))
+        return [e for e in part if e.received_at >= cutoff]
+
+    # -- state -----------------------------------------------------------------
+
+    def _auth_failed(self) -> None:
+        if not self.auth_rejected:
+            self.auth_rejected = True
+            self.metrics.upstream_auth_failed.set(1)
+
+    def _refresh_state(self, outcome: Outcome | None = None) -> None:
+        if not self.client.api_key:
+            state = "no_api_key"
+        elif self.auth_rejected:
+            state = "auth_rejected"
+        elif self.circuit.is_open:
+            state = "upstream_failing"
+        else:
+            state = "ok"
+        self.metrics.circuit_open.set(1 if self.circuit.is_open else 0)
+        if state != self.state:
+            self._log_state_change(state, outcome)
+            self.state = state
+
+    def _log_state_change(self, state: str, outcome: Outcome | None) -> None:
+        why = f" ({_describe(outcome)})" if outcome is not None else ""
+        if state == "ok":
+            recovered = self.state in ("upstream_failing", "auth_rejected")
+            log.info("%sforwarding to %s", "upstream recovered; " if recovered else "",
+                     self.config.upstream.url)
+        elif state == "no_api_key":
+            log.warning(
+                "no PrecogX API key (env PRECOGX_API_KEY or upstream.api_key_file): "
+                "events are accepted and spooled; forwarding waits for a key (then send SIGHUP)"
+            )
+        elif state == "auth_rejected":
+            log.error(
+                "PrecogX rejected the API key%s: forwarding paused, probing every %ss; "
+                "fix the key and send SIGHUP to resume at once",
+                why, self.config.retry.max_backoff_s,
+            )
+        else:
+            log.warning("upstream failing%s: holding and retrying with backoff", why)
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.status is None:
+        return f"{outcome.error}: {outcome.body}"
+    return f"HTTP {outcome.status}: {outcome.body[:300]}"

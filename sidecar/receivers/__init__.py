@@ -1,0 +1,1 @@
+"""Stage 1: the HTTP endpoints that take events in."""

@@ -1,0 +1,167 @@
+"""Stage 1: PrecogX's own ingest paths, answered locally.
+
+Any client written for PrecogX (the Dify guide's HTTP Request node, Code node or
+curl example) only changes the host. A 202 here means the events are committed
+to the spool; every refusal carries PrecogX's error body and stores nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.config import ServerConfig
+from sidecar.metrics import Metrics
+from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
+from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
+
+JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: Dify's raw-text body
+MAX_IDEMPOTENCY_KEY = 255
+RETRY_AFTER_S = "5"
+
+SINGLE_PATHS = {
+    "/api/v1/integrations/dify/telemetry": "dify_telemetry",
+    "/api/v1/telemetry/ingest": "ingest",
+}
+BATCH_PATH = "/api/v1/telemetry/batch"
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+class IngestReceiver:
+    def __init__(self, config: ServerConfig, spool: Spool, metrics: Metrics) -> None:
+        self.config = config
+        self.spool = spool
+        self.metrics = metrics
+        self.accepting = True
+        self._token = config.ingest_token.encode()
+        self._received = {
+            endpoint: metrics.events_received.labels(endpoint)
+            for endpoint in (*SINGLE_PATHS.values(), "batch")
+        }
+
+    def routes(self) -> list[web.RouteDef]:
+        singles = [web.post(path, self.single) for path in SINGLE_PATHS]
+        return [*singles, web.post(BATCH_PATH, self.batch)]
+
+    async def single(self, request: web.Request) -> web.Response:
+        return await self._handle(request, SINGLE_PATHS[request.path], batch=False)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        return await self._handle(request, "batch", batch=True)
+
+    async def _handle(self, request: web.Request, endpoint: str, *, batch: bool) -> web.Response:
+        try:
+            self._admit(request)
+            doc = await self._read_json(request)
+            items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
+            ids, repeated = await self._store(items, _idempotency_key(request))
+        except Rejection as r:
+            self.metrics.events_rejected.labels(r.reason).inc()
+            return json_response(r.status, r.body(), r.headers)
+        if not repeated:
+            self._received[endpoint].inc(len(ids))
+        return json_response(202, {"accepted": len(ids), "ids": ids})
+
+    def _admit(self, request: web.Request) -> None:
+        if not self.accepting:
+            raise Rejection(
+                503, "SHUTTING_DOWN", "the sidecar is shutting down; retry shortly",
+                "shutting_down", headers={"Retry-After": RETRY_AFTER_S},
+            )
+        if self._token and not self._authorized(request):
+            raise Rejection(
+                401, "INVALID_API_KEY",
+                "missing or wrong ingest token: send it as x-api-key or Authorization: Bearer",
+                "unauthorized",
+            )
+        if request.content_type not in JSON_TYPES:
+            raise Rejection(
+                415, "UNSUPPORTED_MEDIA_TYPE",
+                f"Content-Type must be application/json (or text/plain holding JSON), "
+                f"got {request.content_type or 'none'}",
+                "unsupported_media_type",
+            )
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            raise _too_large(length, self.config.max_body_bytes)
+
+    def _authorized(self, request: web.Request) -> bool:
+        sent = request.headers.get("x-api-key")
+        if sent is None:
+            scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            sent = credentials.strip()
+        return hmac.compare_digest(sent.encode(), self._token)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as e:
+            raise _too_large(None, self.config.max_body_bytes) from e
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise Rejection(
+                400, "INVALID_JSON", f"body is not valid JSON: {e}", "invalid_json"
+            ) from None
+
+    async def _store(
+        self, items: list[dict[str, Any]], key: str | None
+    ) -> tuple[list[int], bool]:
+        ids = self.spool.allocate_ids(len(items))
+        ref = self.spool.event_ref
+        payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]
+        try:
+            stored = await self.spool.append(ids, payloads, key)
+        except SpoolFull:
+            raise Rejection(
+                503, "SPOOL_FULL",
+                "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
+                "retry later",
+                "spool_full", headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
+        except SpoolUnavailable:
+            raise Rejection(
+                503, "SPOOL_UNAVAILABLE",
+                "the events could not be committed to the spool; nothing was stored, retry later",
+                "spool_error", headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
+        return stored, stored != ids
+
+
+def _stamp(item: dict[str, Any], ref: str) -> bytes:
+    """Name the event inside its own metadata, so an upstream can drop redeliveries."""
+    metadata = item.get("metadata")
+    if metadata is None:
+        item["metadata"] = metadata = {}
+    metadata["sidecar_event_id"] = ref
+    return orjson.dumps(item)
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key") or request.headers.get("webhook-id")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise Rejection(
+            400, "INVALID_IDEMPOTENCY_KEY",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+            "invalid_idempotency_key",
+        )
+    return key
+
+
+def _too_large(length: int | None, limit: int) -> Rejection:
+    got = f" ({length} bytes)" if length is not None else ""
+    return Rejection(
+        413, "PAYLOAD_TOO_LARGE",
+        f"body is larger than server.max_body_bytes = {limit}{got}",
+        "too_large", {"max_body_bytes": limit},
+    )

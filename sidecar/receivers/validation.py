@@ -1,0 +1,107 @@
+"""What PrecogX accepts as an interaction, checked here so a bad event fails at once.
+
+The upstream would refuse it anyway, but by then the client has long been told
+"accepted": a 400 now is the only answer that lets the sender fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REQUIRED_TEXT_OR_OBJECT = ("prompt", "response")
+OPTIONAL_IDS = ("appId", "conversationId", "userId", "sessionId")
+
+
+class Rejection(Exception):
+    """A request refused with PrecogX's error body ``{"error": {code, message, details}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        reason: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason  # the label of precogx_sidecar_events_rejected_total
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def _invalid(code: str, message: str, field: str, index: int | None) -> Rejection:
+    details: dict[str, Any] = {"field": field}
+    where = ""
+    if index is not None:
+        details["index"] = index
+        where = f"interactions[{index}]."
+    return Rejection(400, code, f"{where}{message}", "invalid_event", details)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def validate_interaction(item: Any, index: int | None = None) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        where = "interaction" if index is None else f"interactions[{index}]"
+        raise _invalid(
+            "INVALID_FIELD_TYPE", f"{where} must be an object, got {_type_name(item)}",
+            "interaction" if index is None else "interactions", index,
+        )
+    agent = item.get("agentId")
+    if agent is None:
+        raise _invalid("MISSING_REQUIRED_FIELD", "agentId is required", "agentId", index)
+    if not isinstance(agent, str) or not agent.strip():
+        raise _invalid(
+            "INVALID_FIELD_TYPE", "agentId must be a non-empty string", "agentId", index
+        )
+    for name in REQUIRED_TEXT_OR_OBJECT:
+        value = item.get(name)
+        if value is None:
+            raise _invalid("MISSING_REQUIRED_FIELD", f"{name} is required", name, index)
+        if not isinstance(value, str | dict):
+            raise _invalid(
+                "INVALID_FIELD_TYPE",
+                f"{name} must be a string or an object, got {_type_name(value)}", name, index,
+            )
+    for name in OPTIONAL_IDS:
+        value = item.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise _invalid(
+                "INVALID_FIELD_TYPE",
+                f"{name} must be a string, got {_type_name(value)}", name, index,
+            )
+    for name, kind, label in (("metadata", dict, "an object"), ("toolCalls", list, "an array")):
+        value = item.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise _invalid(
+                "INVALID_FIELD_TYPE", f"{name} must be {label}, got {_type_name(value)}",
+                name, index,
+            )
+    return item
+
+
+def interactions_of_batch(doc: Any) -> list[dict[str, Any]]:
+    """All or nothing: one bad interaction refuses the whole batch, naming its index."""
+    if not isinstance(doc, dict) or "interactions" not in doc:
+        raise Rejection(
+            400, "MISSING_REQUIRED_FIELD", 'body must be {"interactions": [...]}',
+            "invalid_event", {"field": "interactions"},
+        )
+    items = doc["interactions"]
+    if not isinstance(items, list) or not items:
+        raise Rejection(
+            400, "INVALID_FIELD_TYPE", "interactions must be a non-empty array",
+            "invalid_event", {"field": "interactions"},
+        )
+    return [validate_interaction(item, i) for i, item in enumerate(items)]

@@ -1,0 +1,172 @@
+"""The sidecar's life: startup -> main_loop -> shutdown.
+
+    receivers (HTTP) -> spool (SQLite) -> forwarder (batches to PrecogX)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+import time
+
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.app import build_app
+from sidecar.config import Config, ConfigError, check_listen_auth, read_api_key
+from sidecar.forwarder.client import UpstreamClient
+from sidecar.forwarder.forwarder import Forwarder
+from sidecar.logs import register_secret
+from sidecar.metrics import Metrics
+from sidecar.receivers.precogx import IngestReceiver
+from sidecar.spool import Spool, SpoolUnavailable, SpoolVersionError
+
+log = logging.getLogger("sidecar")
+
+SYNC_EVERY_S = 5.0
+PRUNE_EVERY_S = 60.0
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; ``str()`` is the one line for the operator."""
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.spool = Spool(config.spool, config.server.idempotency_ttl_s)
+        self.spool.dropped = lambda reason, n: self.metrics.events_dropped.labels(reason).inc(n)
+        self.client = UpstreamClient(config.upstream)
+        self.forwarder = Forwarder(config, self.spool, self.metrics, self.client)
+        self.receiver = IngestReceiver(config.server, self.spool, self.metrics)
+        self.port: int | None = None
+        self.should_exit = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        if warning := check_listen_auth(self.config):
+            log.warning(warning)
+        register_secret(self.config.server.ingest_token)
+        api_key = read_api_key(self.config)
+        register_secret(api_key)
+        await self._open_spool()
+        self._export_spool_gauges()
+        await self.client.start()
+        self.forwarder.set_api_key(api_key)
+        self.forwarder.start()
+        await self._listen()
+        self._install_signal_handlers()
+        self._maintenance = asyncio.create_task(self._maintain(), name="maintenance")
+        log.info(
+            "precogx-sidecar %s listening on http://%s:%s (spool %s, %d pending, %d dead)",
+            __version__, self.config.server.host, self.port, self.config.spool.path,
+            self.spool.counts.pending, self.spool.counts.dead,
+        )
+
+    async def main_loop(self) -> None:
+        await self.should_exit.wait()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down")
+        # 1. Refuse new requests (503 + Retry-After): the client keeps them and retries.
+        self.receiver.accepting = False
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        # 2. Let in-flight upstream requests finish within the grace period; what is
+        #    not delivered by then stays in the spool for the next start.
+        await self.forwarder.stop(self.config.server.shutdown_grace_s)
+        await self.client.close()
+        # 3. Commit what requests already handed to the spool: they get their 202.
+        await self.spool.close()
+        # 4. Close the listener and the remaining connections.
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("stopped")
+
+    # -- startup pieces ----------------------------------------------------------
+
+    async def _open_spool(self) -> None:
+        try:
+            await self.spool.open()
+        except SpoolVersionError as e:
+            raise StartupError(f"spool.path: {e}") from None
+        except (sqlite3.Error, OSError) as e:
+            raise StartupError(
+                f"spool.path: cannot open {self.config.spool.path} as the spool: {e}"
+            ) from None
+
+    def _export_spool_gauges(self) -> None:
+        spool, m = self.spool, self.metrics
+        m.spool_events.labels("pending").set_function(lambda: spool.counts.pending)
+        m.spool_events.labels("inflight").set_function(lambda: len(spool.inflight))
+        m.spool_events.labels("dead").set_function(lambda: spool.counts.dead)
+        m.spool_bytes.set_function(lambda: spool.counts.bytes)
+
+    async def _listen(self) -> None:
+        app = build_app(self.receiver, self.spool, self.forwarder, self.metrics)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.config.server.host, self.config.server.port, backlog=1024
+        )
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(
+                f"server.port: cannot listen on {self.config.server.host}:"
+                f"{self.config.server.port}: {e.strerror}"
+            ) from None
+        sockets = self._runner.addresses
+        self.port = sockets[0][1] if sockets else self.config.server.port
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.should_exit.set)
+        loop.add_signal_handler(signal.SIGINT, self.should_exit.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_api_key)
+
+    def reload_api_key(self) -> None:
+        try:
+            key = read_api_key(self.config)
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the current API key: %s", e)
+            return
+        register_secret(key)
+        log.info("SIGHUP: API key %s", "reloaded" if key else "not set")
+        self.forwarder.set_api_key(key)
+
+    # -- background upkeep -------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Checkpoint the WAL, track the oldest pending event, notice CLI edits, prune keys."""
+        interval = self.config.spool.checkpoint_interval_s
+        last_sync = last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.spool.checkpoint()
+                oldest = await self.spool.oldest_pending_received_at()
+                self.metrics.oldest_pending_age.set(time.time() - oldest if oldest else 0)
+                now = time.monotonic()
+                if now - last_sync >= SYNC_EVERY_S:
+                    last_sync = now
+                    await self.spool.sync_external_changes()
+                if now - last_prune >= PRUNE_EVERY_S:
+                    last_prune = now
+                    await self.spool.prune_idempotency_keys()
+            except (sqlite3.Error, OSError, SpoolUnavailable) as e:
+                log.warning("spool maintenance failed (will retry): %s", e)

@@ -1,0 +1,13 @@
+"""Stage 3: the durable SQLite queue between receiving and forwarding."""
+
+from sidecar.spool.schema import SpoolVersionError
+from sidecar.spool.store import Spool, SpoolCounts, SpoolFull, SpoolUnavailable, StoredEvent
+
+__all__ = [
+    "Spool",
+    "SpoolCounts",
+    "SpoolFull",
+    "SpoolUnavailable",
+    "SpoolVersionError",
+    "StoredEvent",
+]

@@ -1,0 +1,49 @@
+"""The spool's schema and its forward migrations, keyed by ``PRAGMA user_version``.
+
+Migrations only ever move forward: a spool written by a newer sidecar is refused
+rather than guessed at, so a downgrade can never corrupt undelivered events.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+# Each entry moves the schema from version i to i + 1; never edit a released entry.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id              INTEGER PRIMARY KEY,
+        received_at     REAL    NOT NULL,   -- unix seconds
+        state           TEXT    NOT NULL DEFAULT 'pending',   -- 'pending' or 'dead'
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL DEFAULT 0,
+        last_status     INTEGER,
+        last_error      TEXT,
+        dead_reason     TEXT,
+        dead_at         REAL,
+        size            INTEGER NOT NULL,
+        payload         BLOB    NOT NULL
+    );
+    CREATE TABLE idempotency (
+        key        TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        ids        TEXT NOT NULL    -- JSON array of the event ids first answered
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_created ON idempotency (created_at);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SpoolVersionError(Exception):
+    pass
+
+
+def new_spool_id() -> str:
+    """Names this spool in upstream event ids, so ids from two sidecars never collide."""
+    return secrets.token_hex(6)
