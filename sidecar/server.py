@@ -28,6 +28,7 @@ log = logging.getLogger("sidecar")
 
 SYNC_EVERY_S = 5.0
 PRUNE_EVERY_S = 60.0
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StartupError(Exception):
@@ -95,6 +96,9 @@ class Server:
         # 4. Close the listener and the remaining connections.
         if self._runner is not None:
             await self._runner.cleanup()
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
     # -- startup pieces ----------------------------------------------------------

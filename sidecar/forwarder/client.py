@@ -51,8 +51,11 @@ class UpstreamClient:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                excerpt = await response.content.read(BODY_EXCERPT_BYTES)
-                if len(excerpt) == BODY_EXCERPT_BYTES:
+                # Read it all: a body cut short means we cannot know what the upstream
+                # kept, so it must count as a failure and be sent again.
+                raw = await response.read()
+                excerpt = raw[:BODY_EXCERPT_BYTES]
+                if len(raw) > BODY_EXCERPT_BYTES:
                     excerpt += b"..."
                 return Outcome(
                     status=response.status,

@@ -101,6 +101,7 @@ class Spool:
         self._wdb: aiosqlite.Connection | None = None
         self._rdb: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -270,6 +271,11 @@ class Spool:
         )
         return float(rows[0][0]) if rows else None
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait for a commit after which ``predicate()`` holds (for tests and shutdown)."""
+        while not predicate():
+            await self._committed.wait()
+
     # -- maintenance -----------------------------------------------------------
 
     async def checkpoint(self) -> None:
@@ -362,6 +368,9 @@ class Spool:
         for a in accepted:
             self.counts.pending += len(a.ids)
             self.counts.bytes += a.size
+        # Wake everyone waiting for "the next commit", then start a fresh round.
+        self._committed.set()
+        self._committed = asyncio.Event()
         for a, answer in answers:
             if a.future.done():
                 continue

@@ -1,0 +1,148 @@
+"""Shared fixtures: a fake PrecogX and sidecars running in-process on real sockets and files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar import config as sidecar_config
+from sidecar.config import Config
+from sidecar.server import Server
+from tests.fake_precogx import FakePrecogX
+
+TEST_KEY = "px_test_key"
+ROOT = Path(__file__).resolve().parent.parent
+
+EXAMPLE_EVENT = {
+    "agentId": "dify-test-app",
+    "prompt": "Hello, this is a test message",
+    "response": "Hi! I received your test message successfully.",
+    "appId": "test-app-123",
+    "conversationId": "conv-456",
+    "userId": "user-789",
+    "metadata": {"platform": "dify", "test": True},
+}
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {sidecar_config._toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(toml_text(sections))
+    return path
+
+
+def sidecar_sections(
+    tmp_path: Path, upstream_url: str, **overrides: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Settings for a fast test sidecar: free port, spool in tmp_path, short backoffs."""
+    key_file = tmp_path / "api-key"
+    if not key_file.exists():
+        key_file.write_text(TEST_KEY + "\n")
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"port": 0, "shutdown_grace_s": 2.0},
+        "spool": {"path": str(tmp_path / "spool.db"), "checkpoint_interval_s": 0.2},
+        "upstream": {
+            "url": upstream_url,
+            "api_key_file": str(key_file),
+            "linger_ms": 20,
+            "timeout_s": 2.0,
+        },
+        "retry": {"initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+        "log": {"level": "debug"},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
+@dataclass
+class Sidecar:
+    server: Server
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def config(self) -> Config:
+        return self.server.config
+
+    async def post(
+        self, path: str, body: Any = None, *, data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        kwargs: dict[str, Any] = {"headers": headers}
+        if data is not None:
+            kwargs["data"] = data
+        else:
+            kwargs["json"] = body
+        async with self.session.post(self.url + path, **kwargs) as response:
+            text = await response.text()
+            try:
+                return response.status, await response.json(content_type=None)
+            except ValueError:
+                return response.status, text
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(self.url + path) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    async def stop(self) -> None:
+        await self.server.shutdown()
+
+
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePrecogX]:
+    async with FakePrecogX(api_keys=[TEST_KEY]) as f:
+        yield f
+
+
+@pytest.fixture
+async def start_sidecar(
+    tmp_path: Path, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[StartSidecar]:
+    """``await start_sidecar(spool={...}, upstream={...})`` -> a running Sidecar."""
+    for var in list(os.environ):
+        if var.startswith("PRECOGX_"):
+            monkeypatch.delenv(var)
+    running: list[Sidecar] = []
+    session = aiohttp.ClientSession()
+
+    async def start(**overrides: dict[str, Any]) -> Sidecar:
+        path = write_config(tmp_path, sidecar_sections(tmp_path, fake.url, **overrides))
+        server = Server(sidecar_config.load(str(path)))
+        await server.startup()
+        sidecar = Sidecar(server, session)
+        running.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in running:
+        if sidecar.server.receiver.accepting:
+            await sidecar.stop()
+    await session.close()
+
+
+def sidecar_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar", *args]

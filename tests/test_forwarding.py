@@ -1,0 +1,252 @@
+"""Forwarding against the fake PrecogX: batching, retries, splits, dead letters, auth."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sqlite3
+from typing import Any
+
+import orjson
+
+from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
+from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Respond
+
+BATCH = "/api/v1/telemetry/batch"
+SINGLE = "/api/v1/integrations/dify/telemetry"
+
+
+async def post_events(sidecar: Sidecar, n: int, agent: str = "dify-test-app") -> list[int]:
+    items = []
+    for i in range(n):
+        e = copy.deepcopy(EXAMPLE_EVENT)
+        e["prompt"] = f"prompt {i}"
+        e["agentId"] = agent
+        items.append(e)
+    status, body = await sidecar.post(BATCH, {"interactions": items})
+    assert status == 202, body
+    ids: list[int] = body["ids"]
+    return ids
+
+
+def received_ids(fake: FakePrecogX) -> list[int]:
+    return [int(ref.rsplit("-", 1)[1]) for ref in fake.received_ids()]
+
+
+async def drained(sidecar: Sidecar) -> None:
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.pending == 0)
+
+
+def dead_letters(sidecar: Sidecar) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        return db.execute(
+            "SELECT id, dead_reason, last_status, last_error FROM events WHERE state = 'dead'"
+        ).fetchall()
+
+
+async def metric(sidecar: Sidecar, line_start: str) -> float:
+    _, text = await sidecar.get("/metrics")
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in /metrics")
+
+
+async def test_batches_carry_key_idempotency_and_event_ids(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar = await start_sidecar(upstream={"batch_max_events": 100})
+    ids = await post_events(sidecar, 250)
+    await fake.wait_for_received(250)
+    await drained(sidecar)
+    assert sorted(received_ids(fake)) == ids
+    assert all(r.path == "/api/v1/telemetry/batch" for r in fake.requests)
+    assert all(r.headers["x-api-key"] == TEST_KEY for r in fake.requests)
+    sizes = [len(orjson.loads(r.body)["interactions"]) for r in fake.requests]
+    assert max(sizes) <= 100 and sum(sizes) == 250
+    keys = [r.headers["idempotency-key"] for r in fake.requests]
+    assert len(set(keys)) == len(keys)
+    assert await metric(sidecar, "precogx_sidecar_events_delivered_total") == 250
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+async def test_batch_bytes_limit_closes_batches(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar = await start_sidecar(upstream={"batch_max_events": 100, "batch_max_bytes": 2048})
+    await post_events(sidecar, 40)
+    await fake.wait_for_received(40)
+    assert all(len(r.body) <= 2048 + 64 for r in fake.requests)
+    assert len(fake.requests) > 1
+
+
+async def test_single_mode_posts_each_event_to_the_dify_path(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar = await start_sidecar(upstream={"mode": "single", "concurrency": 3})
+    ids = await post_events(sidecar, 7)
+    await fake.wait_for_received(7)
+    assert sorted(received_ids(fake)) == ids
+    assert {r.path for r in fake.requests} == {"/api/v1/integrations/dify/telemetry"}
+    assert len(fake.requests) == 7
+
+
+async def test_outage_then_recovery_delivers_everything(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.default = Respond(503)
+    sidecar = await start_sidecar()
+    ids = await post_events(sidecar, 30)
+    await fake.wait_for_requests(4)  # several backoff periods of failure
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (503, "upstream_failing")
+    assert await metric(sidecar, "precogx_sidecar_circuit_open") == 1
+    fake.default = None
+    await fake.wait_for_received(30)
+    await drained(sidecar)
+    assert sorted(set(received_ids(fake))) == ids
+    assert dead_letters(sidecar) == []
+    assert await metric(sidecar, 'precogx_sidecar_delivery_failures_total{reason="http_5xx"}') >= 4
+    assert await metric(sidecar, "precogx_sidecar_circuit_open") == 0
+    assert (await sidecar.get("/readyz"))[0] == 200
+
+
+async def test_429_without_retry_after_backs_off_and_recovers(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(Respond(429), Respond(429))
+    sidecar = await start_sidecar()
+    await post_events(sidecar, 3)
+    await fake.wait_for_received(3)
+    assert [r.status for r in fake.requests][:3] == [429, 429, 200]
+    assert await metric(sidecar, 'precogx_sidecar_delivery_failures_total{reason="http_429"}') == 2
+
+
+async def test_timeout_then_success(start_sidecar: StartSidecar, fake: FakePrecogX) -> None:
+    fake.script(Delay(5))
+    sidecar = await start_sidecar(upstream={"timeout_s": 0.3})
+    ids = await post_events(sidecar, 2)
+    await fake.wait_for_received(2)
+    await drained(sidecar)
+    assert set(received_ids(fake)) >= set(ids)
+    assert await metric(sidecar, 'precogx_sidecar_delivery_failures_total{reason="timeout"}') >= 1
+
+
+async def test_dropped_connections_are_retried(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(Drop(), DropMidResponse())
+    sidecar = await start_sidecar()
+    ids = await post_events(sidecar, 4)
+    await drained(sidecar)
+    # The cut-off response had stored the batch upstream: at-least-once, so duplicates.
+    assert set(received_ids(fake)) == set(ids)
+    failures = 'precogx_sidecar_delivery_failures_total{reason="connection"}'
+    assert await metric(sidecar, failures) == 2
+    assert dead_letters(sidecar) == []
+
+
+async def test_413_splits_until_batches_fit(start_sidecar: StartSidecar, fake: FakePrecogX) -> None:
+    fake.max_batch_events = 7
+    sidecar = await start_sidecar(upstream={"batch_max_events": 50})
+    ids = await post_events(sidecar, 50)
+    await fake.wait_for_received(50)
+    await drained(sidecar)
+    assert sorted(received_ids(fake)) == ids
+    assert dead_letters(sidecar) == []
+    assert 413 in [r.status for r in fake.requests]
+
+
+async def test_single_event_too_large_is_dead_lettered(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.max_body_bytes = 600
+    sidecar = await start_sidecar(upstream={"batch_max_events": 10})
+    small = await post_events(sidecar, 2)
+    e = copy.deepcopy(EXAMPLE_EVENT)
+    e["prompt"] = "x" * 1000
+    _, body = await sidecar.post(SINGLE, e)
+    await drained(sidecar)
+    assert sorted(set(received_ids(fake))) == small
+    dead = [(d[0], d[1], d[2]) for d in dead_letters(sidecar)]
+    assert dead == [(body["ids"][0], "too_large", 413)]
+
+
+async def test_invalid_event_in_batch_is_the_only_dead_letter(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.reject_agent_ids = {"bad-agent"}
+    sidecar = await start_sidecar(upstream={"batch_max_events": 20, "linger_ms": 200})
+    good = await post_events(sidecar, 9)
+    bad = await post_events(sidecar, 1, agent="bad-agent")
+    more = await post_events(sidecar, 10)
+    await drained(sidecar)
+    assert sorted(set(received_ids(fake))) == sorted(good + more)
+    dead = dead_letters(sidecar)
+    assert [(d[0], d[1], d[2]) for d in dead] == [(bad[0], "rejected", 400)]
+    assert "INVALID_FIELD_TYPE" in dead[0][3]
+    dead_metric = 'precogx_sidecar_events_dead_lettered_total{reason="rejected"}'
+    assert await metric(sidecar, dead_metric) == 1
+
+
+async def test_other_4xx_is_dead_lettered_with_status_and_body(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(Respond(404, body={"error": {"code": "NOT_FOUND", "message": "no such path"}}))
+    sidecar = await start_sidecar()
+    ids = await post_events(sidecar, 3)
+    await drained(sidecar)
+    dead = dead_letters(sidecar)
+    assert sorted(d[0] for d in dead) == ids
+    assert {(d[1], d[2]) for d in dead} == {("client_error", 404)}
+    assert "no such path" in dead[0][3]
+
+
+async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
+    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
+) -> None:
+    fake.api_keys = {"px_rotated_key"}
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    ids = await post_events(sidecar, 5)
+    await fake.wait_for_requests(1)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: sidecar.server.forwarder.auth_rejected)
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (503, "auth_rejected")
+    assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 1
+    assert len(fake.requests) == 1  # the backlog is not spent on a bad key
+    (tmp_path / "api-key").write_text("px_rotated_key\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await fake.wait_for_received(5)
+    await drained(sidecar)
+    assert sorted(received_ids(fake)) == ids
+    assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 0
+    assert (await sidecar.get("/readyz"))[0] == 200
+    assert dead_letters(sidecar) == []
+
+
+async def test_expired_events_are_dead_lettered_not_sent(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.default = Respond(503)
+    sidecar = await start_sidecar(retry={"max_age_s": 0.2})
+    ids = await post_events(sidecar, 3)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.dead == 3)
+    assert sorted(d[0] for d in dead_letters(sidecar)) == ids
+    assert {d[1] for d in dead_letters(sidecar)} == {"expired"}
+
+
+async def test_backlog_is_kept_across_restart(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    first = await start_sidecar(upstream={"api_key_file": ""})
+    ids = await post_events(first, 12)
+    await first.stop()
+    second = await start_sidecar()
+    await fake.wait_for_received(12)
+    await drained(second)
+    assert sorted(received_ids(fake)) == ids

@@ -1,0 +1,298 @@
+"""Receiving: PrecogX's paths over a real socket, 202 only after the SQLite commit."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import sqlite3
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
+
+SINGLE = "/api/v1/integrations/dify/telemetry"
+INGEST = "/api/v1/telemetry/ingest"
+BATCH = "/api/v1/telemetry/batch"
+
+
+def stored_rows(sidecar: Sidecar) -> list[tuple[Any, ...]]:
+    """Read the spool file through a separate connection: what is really on disk."""
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        return db.execute("SELECT id, state, payload FROM events ORDER BY id").fetchall()
+
+
+def event(**changes: Any) -> dict[str, Any]:
+    e = copy.deepcopy(EXAMPLE_EVENT)
+    e.update(changes)
+    return e
+
+
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar) -> Sidecar:
+    # No key: events stay in the spool, so tests can look at them there.
+    return await start_sidecar(upstream={"api_key_file": ""})
+
+
+@pytest.mark.parametrize("path", [SINGLE, INGEST])
+async def test_single_event_is_committed_before_202(sidecar: Sidecar, path: str) -> None:
+    status, body = await sidecar.post(path, EXAMPLE_EVENT)
+    assert status == 202
+    assert body["accepted"] == 1 and len(body["ids"]) == 1
+    rows = stored_rows(sidecar)
+    assert [r[0] for r in rows] == body["ids"]
+    assert rows[0][1] == "pending"
+
+
+async def test_batch_is_stored_whole(sidecar: Sidecar) -> None:
+    items = [event(prompt=f"p{i}") for i in range(5)]
+    status, body = await sidecar.post(BATCH, {"interactions": items})
+    assert status == 202 and body["accepted"] == 5
+    assert [r[0] for r in stored_rows(sidecar)] == body["ids"]
+
+
+async def test_text_plain_json_is_accepted(sidecar: Sidecar) -> None:
+    import orjson
+
+    status, _ = await sidecar.post(
+        SINGLE, data=orjson.dumps(EXAMPLE_EVENT), headers={"Content-Type": "text/plain"}
+    )
+    assert status == 202
+
+
+async def test_stored_event_keeps_fields_and_gets_its_id(sidecar: Sidecar) -> None:
+    import orjson
+
+    _, body = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    stored = orjson.loads(stored_rows(sidecar)[0][2])
+    ref = stored["metadata"].pop("sidecar_event_id")
+    assert ref.endswith(f"-{body['ids'][0]}")
+    assert stored == EXAMPLE_EVENT
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field"),
+    [
+        ({k: v for k, v in EXAMPLE_EVENT.items() if k != "agentId"}, "MISSING_REQUIRED_FIELD",
+         "agentId"),
+        (event(agentId=""), "INVALID_FIELD_TYPE", "agentId"),
+        (event(agentId=7), "INVALID_FIELD_TYPE", "agentId"),
+        ({k: v for k, v in EXAMPLE_EVENT.items() if k != "prompt"}, "MISSING_REQUIRED_FIELD",
+         "prompt"),
+        (event(response=42), "INVALID_FIELD_TYPE", "response"),
+        (event(response=["a"]), "INVALID_FIELD_TYPE", "response"),
+        (event(metadata="x"), "INVALID_FIELD_TYPE", "metadata"),
+        (event(toolCalls={}), "INVALID_FIELD_TYPE", "toolCalls"),
+        (event(userId=True), "INVALID_FIELD_TYPE", "userId"),
+        ([EXAMPLE_EVENT], "INVALID_FIELD_TYPE", "interaction"),
+    ],
+)
+async def test_invalid_event_is_refused_naming_the_field(
+    sidecar: Sidecar, body: Any, code: str, field: str
+) -> None:
+    status, answer = await sidecar.post(SINGLE, body)
+    assert status == 400
+    assert answer["error"]["code"] == code
+    assert answer["error"]["details"]["field"] == field
+    assert field in answer["error"]["message"] or code != "MISSING_REQUIRED_FIELD"
+    assert stored_rows(sidecar) == []
+
+
+async def test_workflow_objects_are_valid_prompt_and_response(sidecar: Sidecar) -> None:
+    status, _ = await sidecar.post(SINGLE, event(prompt={"query": "q"}, response={"out": 1}))
+    assert status == 202
+
+
+async def test_one_bad_interaction_refuses_the_whole_batch(sidecar: Sidecar) -> None:
+    items = [event(), event(), event(prompt=None), event()]
+    status, answer = await sidecar.post(BATCH, {"interactions": items})
+    assert status == 400
+    assert answer["error"]["details"] == {"field": "prompt", "index": 2}
+    assert "interactions[2]" in answer["error"]["message"]
+    assert stored_rows(sidecar) == []
+
+
+@pytest.mark.parametrize("body", [{}, {"interactions": []}, {"interactions": {}}, []])
+async def test_malformed_batch_is_refused(sidecar: Sidecar, body: Any) -> None:
+    status, answer = await sidecar.post(BATCH, body)
+    assert status == 400
+    assert answer["error"]["details"]["field"] == "interactions"
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"not json", b"\xff\xfe", b'{"a": 1,}'])
+async def test_malformed_json_is_a_400_not_a_500(sidecar: Sidecar, raw: bytes) -> None:
+    status, answer = await sidecar.post(
+        SINGLE, data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+    assert answer["error"]["code"] == "INVALID_JSON"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "multipart/form-data", "text/html"]
+)
+async def test_other_content_types_get_415(sidecar: Sidecar, content_type: str) -> None:
+    status, answer = await sidecar.post(
+        SINGLE, data=b'{"agentId": "a"}', headers={"Content-Type": content_type}
+    )
+    assert status == 415
+    assert "application/json" in answer["error"]["message"]
+
+
+async def test_oversize_body_gets_413(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(server={"max_body_bytes": 2048}, upstream={"api_key_file": ""})
+    big = event(prompt="x" * 4096)
+    status, answer = await sidecar.post(SINGLE, big)
+    assert status == 413
+    assert answer["error"]["details"] == {"max_body_bytes": 2048}
+
+    async def chunks() -> Any:  # no Content-Length: the limit must hold while reading
+        yield b'{"agentId": "a", "prompt": "'
+        for _ in range(8):
+            yield b"y" * 1024
+        yield b'", "response": "r"}'
+
+    status, answer = await sidecar.post(
+        SINGLE, data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 413
+    assert stored_rows(sidecar) == []
+
+
+async def test_idempotency_key_repeat_returns_first_answer(sidecar: Sidecar) -> None:
+    headers = {"Idempotency-Key": "run-1"}
+    first = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
+    again = await sidecar.post(SINGLE, event(prompt="changed"), headers=headers)
+    assert first == again
+    assert first[0] == 202
+    assert len(stored_rows(sidecar)) == 1
+
+
+async def test_webhook_id_is_an_idempotency_key(sidecar: Sidecar) -> None:
+    headers = {"webhook-id": "msg_1"}
+    first = await sidecar.post(BATCH, {"interactions": [event(), event()]}, headers=headers)
+    again = await sidecar.post(BATCH, {"interactions": [event(), event()]}, headers=headers)
+    assert first == again
+    assert len(stored_rows(sidecar)) == 2
+
+
+async def test_concurrent_repeats_store_once(sidecar: Sidecar) -> None:
+    headers = {"Idempotency-Key": "same"}
+    answers = await asyncio.gather(
+        *(sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers) for _ in range(20))
+    )
+    assert {str(a) for a in answers} == {str(answers[0])}
+    assert len(stored_rows(sidecar)) == 1
+
+
+async def test_idempotency_survives_restart(start_sidecar: StartSidecar) -> None:
+    headers = {"Idempotency-Key": "across-restart"}
+    first = await start_sidecar(upstream={"api_key_file": ""})
+    answer = await first.post(SINGLE, EXAMPLE_EVENT, headers=headers)
+    await first.stop()
+    second = await start_sidecar(upstream={"api_key_file": ""})
+    assert await second.post(SINGLE, EXAMPLE_EVENT, headers=headers) == answer
+    assert len(stored_rows(second)) == 1
+
+
+async def test_overlong_idempotency_key_is_refused(sidecar: Sidecar) -> None:
+    status, answer = await sidecar.post(
+        SINGLE, EXAMPLE_EVENT, headers={"Idempotency-Key": "k" * 256}
+    )
+    assert status == 400
+    assert answer["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+
+
+async def test_ingest_token_is_required_when_set(start_sidecar: StartSidecar) -> None:
+    token = "tok_0123456789abcdef"
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": f"Basic {token}"}):
+        status, answer = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
+        assert status == 401, headers
+        assert token not in str(answer)
+    for headers in ({"x-api-key": token}, {"Authorization": f"Bearer {token}"}):
+        status, _ = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
+        assert status == 202
+    assert len(stored_rows(sidecar)) == 2
+
+
+async def test_full_spool_rejects_with_503_and_retry_after(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(spool={"max_events": 3}, upstream={"api_key_file": ""})
+    for _ in range(3):
+        assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    async with sidecar.session.post(sidecar.url + SINGLE, json=EXAMPLE_EVENT) as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert (await response.json())["error"]["code"] == "SPOOL_FULL"
+    assert len(stored_rows(sidecar)) == 3
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (503, "spool_full")
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="spool_full"} 1.0' in metrics
+
+
+async def test_batch_that_does_not_fit_is_refused_whole(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(spool={"max_events": 4}, upstream={"api_key_file": ""})
+    assert (await sidecar.post(BATCH, {"interactions": [event()] * 3}))[0] == 202
+    status, _ = await sidecar.post(BATCH, {"interactions": [event()] * 2})
+    assert status == 503
+    assert len(stored_rows(sidecar)) == 3
+
+
+async def test_drop_oldest_evicts_and_counts(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(
+        spool={"max_events": 3, "when_full": "drop_oldest"}, upstream={"api_key_file": ""}
+    )
+    ids = []
+    for i in range(5):
+        status, body = await sidecar.post(SINGLE, event(prompt=f"p{i}"))
+        assert status == 202
+        ids += body["ids"]
+    assert [r[0] for r in stored_rows(sidecar)] == ids[2:]
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_dropped_total{reason="spool_full"} 2.0' in metrics
+
+
+async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:
+    assert await sidecar.get("/healthz") == (200, {"status": "alive"})
+    status, ready = await sidecar.get("/readyz")
+    assert status == 503
+    assert ready["status"] == "no_api_key"
+    assert "API key" in ready["detail"]
+
+
+async def test_ready_when_delivering(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar()
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (200, "ok")
+
+
+async def test_shutting_down_refuses_with_503(sidecar: Sidecar) -> None:
+    sidecar.server.receiver.accepting = False
+    status, answer = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    assert status == 503
+    assert answer["error"]["code"] == "SHUTTING_DOWN"
+    sidecar.server.receiver.accepting = True
+
+
+async def test_metrics_count_received_and_rejected(sidecar: Sidecar) -> None:
+    await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    await sidecar.post(BATCH, {"interactions": [event(), event()]})
+    await sidecar.post(SINGLE, {"agentId": "a"})
+    status, metrics = await sidecar.get("/metrics")
+    assert status == 200
+    assert 'precogx_sidecar_events_received_total{endpoint="dify_telemetry"} 1.0' in metrics
+    assert 'precogx_sidecar_events_received_total{endpoint="batch"} 2.0' in metrics
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_event"} 1.0' in metrics
+    assert 'precogx_sidecar_spool_events{state="pending"} 3.0' in metrics
+    assert 'precogx_sidecar_build_info{version="' in metrics
+
+
+async def test_unknown_path_and_method_do_not_500(sidecar: Sidecar) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(sidecar.url + SINGLE) as response:
+            assert response.status == 405
+        async with session.post(sidecar.url + "/nope", json={}) as response:
+            assert response.status == 404
