@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,20 +36,23 @@ def _opt(
     *,
     ge: float | None = None,
     gt: float | None = None,
+    le: float | None = None,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
     doc: str = "",
 ) -> Any:
     return field(
         default=default,
-        metadata={"ge": ge, "gt": gt, "choices": choices, "secret": secret, "doc": doc},
+        metadata={
+            "ge": ge, "gt": gt, "le": le, "choices": choices, "secret": secret, "doc": doc
+        },
     )
 
 
 @dataclass
 class ServerConfig:
     host: str = _opt("127.0.0.1", doc="address to listen on")
-    port: int = _opt(8787, ge=0, doc="TCP port (0 picks a free one)")
+    port: int = _opt(8787, ge=0, le=65535, doc="TCP port (0 picks a free one)")
     ingest_token: str = _opt("", secret=True, doc="token clients must send")
     allow_unauthenticated: bool = _opt(False, doc="allow no token on a non-loopback host")
     max_body_bytes: int = _opt(MIB, ge=1024, doc="largest request body accepted")
@@ -145,6 +150,14 @@ def _apply_file(config: Config, raw: dict[str, Any], path: str) -> None:
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> None:
+    known = {ENV_CONFIG_FILE, ENV_INGEST_TOKEN}
+    for section_name, section in config.sections().items():
+        fields = dataclasses.fields(section)
+        known.update(f"{ENV_PREFIX}{section_name}_{f.name}".upper() for f in fields)
+    # A misspelt variable would otherwise be ignored without a word, like an unknown key.
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX) and var not in known:
+            raise ConfigError(f"{var}: unknown environment variable (see config.example.toml)")
     for section_name, section in config.sections().items():
         for f in dataclasses.fields(section):
             var = f"{ENV_PREFIX}{section_name}_{f.name}".upper()
@@ -177,6 +190,7 @@ def _set(section: Any, key: str, name: str, value: Any, origin: str) -> None:
         raise ConfigError(f"{key}: unknown key {origin} (known in this section: {known})")
     f = fields[name]
     value = _check_type(f.type, value, key, origin, secret=f.metadata["secret"])
+    value = _canonical_choice(f.metadata["choices"], value)
     _check_bounds(f.metadata, value, key, origin)
     setattr(section, name, value)
 
@@ -198,11 +212,20 @@ def _check_type(type_name: Any, value: Any, key: str, origin: str, *, secret: bo
     return value
 
 
+def _canonical_choice(choices: tuple[str, ...] | None, value: Any) -> Any:
+    """``synchronous = "full"`` means "FULL": choices are matched without regard to case."""
+    if choices is None or not isinstance(value, str):
+        return value
+    return next((c for c in choices if c.lower() == value.lower()), value)
+
+
 def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) -> None:
     if meta["ge"] is not None and value < meta["ge"]:
         raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value!r} {origin}")
     if meta["gt"] is not None and value <= meta["gt"]:
         raise ConfigError(f"{key}: must be > {meta['gt']}, got {value!r} {origin}")
+    if meta["le"] is not None and value > meta["le"]:
+        raise ConfigError(f"{key}: must be <= {meta['le']}, got {value!r} {origin}")
     if meta["choices"] is not None and value not in meta["choices"]:
         options = " or ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{key}: must be {options}, got {value!r} {origin}")
@@ -210,8 +233,9 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) ->
 
 def _check_cross_field(config: Config) -> None:
     url = config.upstream.url
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"upstream.url: must start with http:// or https://, got {url!r}")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"upstream.url: must be an http:// or https:// URL, got {url!r}")
     if config.retry.max_backoff_s < config.retry.initial_backoff_s:
         raise ConfigError(
             "retry.max_backoff_s: must be >= retry.initial_backoff_s "
@@ -260,6 +284,8 @@ def read_api_key(config: Config, env: Mapping[str, str] | None = None) -> str:
             key = Path(path).read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ConfigError(f"upstream.api_key_file: cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"upstream.api_key_file: {path} is not UTF-8 text") from None
         if not key:
             raise ConfigError(f"upstream.api_key_file: {path} is empty")
         return key
@@ -287,6 +313,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # A JSON string is a valid TOML basic string once non-ASCII is escaped too.
+        return json.dumps(value, ensure_ascii=True)
     return repr(value)

@@ -1,0 +1,239 @@
+"""``precogx-sidecar check-config`` / ``run`` config handling, as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import __version__
+from tests.conftest import ROOT, sidecar_command, write_config
+
+TOKEN = "px_tok_SECRETSECRET654321"
+API_KEY = "px_live_SECRETSECRET123456"
+PREFIX = "precogx-sidecar: config error:"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRECOGX_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        sidecar_command(*args),
+        cwd=tmp_path,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stderr.endswith("\n")
+    assert lines[0].startswith(PREFIX)
+    for name in names:
+        assert name in lines[0]
+
+
+# -- check-config: the happy paths ------------------------------------------------------
+
+
+def test_check_config_without_file_prints_defaults(tmp_path: Path) -> None:
+    result = cli(tmp_path, "check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    parsed = tomllib.loads(result.stdout)
+    assert parsed["server"]["host"] == "127.0.0.1"
+    assert parsed["server"]["port"] == 8787
+    assert parsed["server"]["ingest_token"] == ""
+    assert parsed["spool"]["path"] == "./precogx-spool.db"
+    assert parsed["upstream"]["url"] == "https://api.precogx.ai/api/v1"
+    assert parsed["retry"]["max_backoff_s"] == 300.0
+    assert "# effective configuration (from defaults)" in result.stdout
+    assert "NOT SET" in result.stdout
+    # check-config only reads: no spool file appears in the working directory
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_config_with_file_masks_token_and_key(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        {"server": {"port": 9001, "ingest_token": TOKEN}, "upstream": {"mode": "single"}},
+    )
+    result = cli(tmp_path, "check-config", "--config", str(path), PRECOGX_API_KEY=API_KEY)
+    assert result.returncode == 0, result.stderr
+    for stream in (result.stdout, result.stderr):
+        assert TOKEN not in stream
+        assert API_KEY not in stream
+    assert "NOT SET" not in result.stdout
+    assert "upstream API key: set (from env PRECOGX_API_KEY)" in result.stdout
+    parsed = tomllib.loads(result.stdout)
+    assert parsed["server"]["port"] == 9001
+    assert parsed["server"]["ingest_token"] == "********"
+    assert parsed["upstream"]["mode"] == "single"
+    assert f"(from {path})" in result.stdout
+
+
+def test_check_config_key_file_and_token_env(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    path = write_config(tmp_path, {"upstream": {"api_key_file": str(key_file)}})
+    result = cli(
+        tmp_path, "check-config", "--config", str(path), PRECOGX_SIDECAR_INGEST_TOKEN=TOKEN
+    )
+    assert result.returncode == 0, result.stderr
+    for stream in (result.stdout, result.stderr):
+        assert TOKEN not in stream
+        assert API_KEY not in stream
+    assert f"upstream API key: set (from {key_file})" in result.stdout
+    assert tomllib.loads(result.stdout)["server"]["ingest_token"] == "********"
+
+
+def test_check_config_file_from_env_and_env_overrides(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"server": {"port": 9001}, "log": {"level": "debug"}})
+    result = cli(
+        tmp_path, "check-config",
+        PRECOGX_SIDECAR_CONFIG=str(path), PRECOGX_SIDECAR_SERVER_PORT="9002",
+    )
+    assert result.returncode == 0, result.stderr
+    parsed = tomllib.loads(result.stdout)
+    assert parsed["server"]["port"] == 9002
+    assert parsed["log"]["level"] == "debug"
+
+
+def test_check_config_warns_on_open_unauthenticated_listener(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, {"server": {"host": "0.0.0.0", "allow_unauthenticated": True}}
+    )
+    result = cli(tmp_path, "check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["server"]["host"] == "0.0.0.0"
+    assert result.stderr.startswith("warning:")
+    assert "allow_unauthenticated" in result.stderr
+
+
+# -- check-config: broken configurations ------------------------------------------------
+
+BROKEN: list[Any] = [
+    pytest.param("[server]\nprot = 8080\n", ["server.prot", "unknown key"], id="unknown-key"),
+    pytest.param("[sever]\nport = 8080\n", ["sever", "unknown section"], id="unknown-section"),
+    pytest.param('[server]\nport = "x"\n', ["server.port", "expected int"], id="wrong-type"),
+    pytest.param("[server]\nport = -1\n", ["server.port", ">= 0"], id="out-of-range"),
+    pytest.param('[spool]\nwhen_full = "drop_newest"\n', ["spool.when_full"], id="choice"),
+    pytest.param("[server\nport = 1\n", ["sidecar.toml", "not valid TOML"], id="bad-toml"),
+    pytest.param('[upstream]\nurl = "ftp://x"\n', ["upstream.url"], id="bad-url"),
+    pytest.param('[server]\nhost = "0.0.0.0"\n', ["server.ingest_token"], id="open-no-token"),
+    pytest.param('[upstream]\napi_key_file = "missing-key"\n',
+                 ["upstream.api_key_file", "missing-key"], id="missing-key-file"),
+]
+
+
+@pytest.mark.parametrize(("toml", "names"), BROKEN)
+def test_check_config_broken_file(tmp_path: Path, toml: str, names: list[str]) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(toml)
+    result = cli(tmp_path, "check-config", "--config", str(path))
+    assert_config_error(result, *names)
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    result = cli(tmp_path, "check-config", "--config", str(path))
+    assert_config_error(result, str(path), "not found")
+
+
+def test_check_config_bad_env_value(tmp_path: Path) -> None:
+    result = cli(tmp_path, "check-config", PRECOGX_SIDECAR_SERVER_PORT="eighty")
+    assert_config_error(result, "server.port", "PRECOGX_SIDECAR_SERVER_PORT")
+
+
+def test_check_config_wrong_typed_secret_not_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text("[server]\ningest_token = 987654321987\n")
+    result = cli(tmp_path, "check-config", "--config", str(path))
+    assert_config_error(result, "server.ingest_token", "expected str")
+    assert "987654321987" not in result.stderr
+
+
+def test_check_config_empty_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("\n")
+    path = write_config(tmp_path, {"upstream": {"api_key_file": str(key_file)}})
+    result = cli(tmp_path, "check-config", "--config", str(path), PRECOGX_API_KEY=API_KEY)
+    assert_config_error(result, "upstream.api_key_file", "empty")
+    assert API_KEY not in result.stderr
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "names"),
+    [
+        pytest.param("[server]\nprot = 8080\n", ["server.prot"], id="unknown-key"),
+        pytest.param('[server]\nport = "x"\n', ["server.port"], id="wrong-type"),
+        pytest.param("[server\n", ["sidecar.toml", "not valid TOML"], id="bad-toml"),
+    ],
+)
+def test_run_with_config_error(tmp_path: Path, toml: str, names: list[str]) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(toml)
+    result = cli(tmp_path, "run", "--config", str(path))
+    assert_config_error(result, *names)
+    # refused before anything was opened
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sidecar.toml"]
+
+
+def test_run_with_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    result = cli(tmp_path, "run", "--config", str(path))
+    assert_config_error(result, str(path))
+
+
+def test_run_open_host_without_token(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.db"
+    path = write_config(
+        tmp_path, {"server": {"host": "0.0.0.0", "port": 0}, "spool": {"path": str(spool)}}
+    )
+    result = cli(tmp_path, "run", "--config", str(path))
+    assert_config_error(result, "server.ingest_token", "0.0.0.0")
+    assert not spool.exists()
+
+
+# -- the command line itself ----------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    result = cli(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"precogx-sidecar {__version__}"
+    assert __version__ == "0.1.0"
+
+
+def test_no_subcommand_exits_2(tmp_path: Path) -> None:
+    result = cli(tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_subcommand_exits_2(tmp_path: Path) -> None:
+    result = cli(tmp_path, "frobnicate")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,585 @@
+"""config.load, render, check_listen_auth and read_api_key, with explicit env= and tmp files."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import config
+from sidecar.config import MIB, Config, ConfigError
+from tests.conftest import write_config
+
+TOKEN = "tok_SECRETSECRET_987654"
+
+
+def load_file(tmp_path: Path, sections: dict[str, dict[str, Any]], **env: str) -> Config:
+    return config.load(str(write_config(tmp_path, sections)), env=env)
+
+
+def non_secret_values(cfg: Config) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, section in cfg.sections().items():
+        out[name] = {
+            f.name: getattr(section, f.name)
+            for f in dataclasses.fields(section)
+            if not f.metadata["secret"]
+        }
+    return out
+
+
+# -- defaults -------------------------------------------------------------------------
+
+
+def test_defaults_without_file_or_env() -> None:
+    cfg = config.load(None, env={})
+    assert cfg.source == "defaults"
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8787
+    assert cfg.server.ingest_token == ""
+    assert cfg.server.allow_unauthenticated is False
+    assert cfg.server.max_body_bytes == MIB
+    assert cfg.spool.path == "./precogx-spool.db"
+    assert cfg.spool.when_full == "reject"
+    assert cfg.spool.synchronous == "FULL"
+    assert cfg.upstream.url == "https://api.precogx.ai/api/v1"
+    assert cfg.upstream.api_key_file == ""
+    assert cfg.upstream.mode == "batch"
+    assert cfg.upstream.batch_max_events == 100
+    assert cfg.upstream.batch_max_bytes == 1024 * 1024
+    assert cfg.upstream.linger_ms == 500
+    assert cfg.upstream.concurrency == 2
+    assert cfg.retry.initial_backoff_s == 1.0
+    assert cfg.retry.max_backoff_s == 300.0
+    assert cfg.log.level == "info"
+    assert cfg.log.format == "text"
+
+
+def test_load_does_not_read_process_environment_when_env_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PRECOGX_SIDECAR_SERVER_PORT", "1234")
+    assert config.load(None, env={}).server.port == 8787
+    assert config.load(None).server.port == 1234
+
+
+# -- layering -------------------------------------------------------------------------
+
+
+def test_file_values_override_defaults(tmp_path: Path) -> None:
+    cfg = load_file(
+        tmp_path,
+        {
+            "server": {"host": "::1", "port": 9000, "allow_unauthenticated": True},
+            "spool": {"path": "/var/lib/x.db", "when_full": "drop_oldest"},
+            "upstream": {"url": "http://localhost:1/api", "mode": "single", "linger_ms": 0},
+            "retry": {"initial_backoff_s": 2, "max_backoff_s": 10.5},
+        },
+    )
+    assert cfg.source == str(tmp_path / "sidecar.toml")
+    assert cfg.server.host == "::1"
+    assert cfg.server.port == 9000
+    assert cfg.server.allow_unauthenticated is True
+    assert cfg.spool.path == "/var/lib/x.db"
+    assert cfg.spool.when_full == "drop_oldest"
+    assert cfg.upstream.url == "http://localhost:1/api"
+    assert cfg.upstream.mode == "single"
+    assert cfg.upstream.linger_ms == 0
+    # an int given for a float setting becomes a float
+    assert cfg.retry.initial_backoff_s == 2.0
+    assert isinstance(cfg.retry.initial_backoff_s, float)
+    assert cfg.retry.max_backoff_s == 10.5
+    # untouched settings keep their defaults
+    assert cfg.upstream.concurrency == 2
+    assert cfg.spool.synchronous == "FULL"
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    cfg = config.load(str(path), env={})
+    assert non_secret_values(cfg) == non_secret_values(config.load(None, env={}))
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "section", "key", "expected"),
+    [
+        ("PRECOGX_SIDECAR_SERVER_PORT", "9100", "server", "port", 9100),
+        ("PRECOGX_SIDECAR_SERVER_PORT", " 9101 ", "server", "port", 9101),
+        ("PRECOGX_SIDECAR_SERVER_HOST", "0.0.0.0", "server", "host", "0.0.0.0"),
+        ("PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S", "12.5", "retry", "max_backoff_s", 12.5),
+        ("PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S", "60", "retry", "max_backoff_s", 60.0),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "true", "server",
+         "allow_unauthenticated", True),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "TRUE", "server",
+         "allow_unauthenticated", True),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "1", "server",
+         "allow_unauthenticated", True),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "yes", "server",
+         "allow_unauthenticated", True),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "on", "server",
+         "allow_unauthenticated", True),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "0", "server",
+         "allow_unauthenticated", False),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "false", "server",
+         "allow_unauthenticated", False),
+        ("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "off", "server",
+         "allow_unauthenticated", False),
+        ("PRECOGX_SIDECAR_SPOOL_WHEN_FULL", "drop_oldest", "spool", "when_full", "drop_oldest"),
+        ("PRECOGX_SIDECAR_UPSTREAM_MODE", "single", "upstream", "mode", "single"),
+        ("PRECOGX_SIDECAR_LOG_FORMAT", "json", "log", "format", "json"),
+        ("PRECOGX_SIDECAR_SERVER_INGEST_TOKEN", TOKEN, "server", "ingest_token", TOKEN),
+    ],
+)
+def test_env_overrides_file(
+    tmp_path: Path, var: str, text: str, section: str, key: str, expected: Any
+) -> None:
+    # the file sets something different from both the default and the env value
+    file_values: dict[str, dict[str, Any]] = {
+        "server": {"port": 9000, "host": "127.0.0.2", "allow_unauthenticated": True,
+                   "ingest_token": "from-file-token"},
+        "retry": {"max_backoff_s": 99.0},
+        "spool": {"when_full": "reject"},
+        "upstream": {"mode": "batch"},
+        "log": {"format": "text"},
+    }
+    if expected is True:
+        file_values["server"]["allow_unauthenticated"] = False
+    cfg = load_file(tmp_path, file_values, **{var: text})
+    value = getattr(getattr(cfg, section), key)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_config_file_named_by_env(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"server": {"port": 9200}})
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_CONFIG": str(path)})
+    assert cfg.server.port == 9200
+    assert cfg.source == str(path)
+
+
+def test_explicit_path_wins_over_config_env(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"server": {"port": 9200}})
+    other = tmp_path / "other.toml"
+    other.write_text("[server]\nport = 9300\n")
+    cfg = config.load(str(path), env={"PRECOGX_SIDECAR_CONFIG": str(other)})
+    assert cfg.server.port == 9200
+
+
+def test_ingest_token_env_sets_server_ingest_token(tmp_path: Path) -> None:
+    cfg = load_file(
+        tmp_path,
+        {"server": {"ingest_token": "from-file-token"}},
+        PRECOGX_SIDECAR_INGEST_TOKEN=TOKEN,
+    )
+    assert cfg.server.ingest_token == TOKEN
+    assert config.load(None, env={"PRECOGX_SIDECAR_INGEST_TOKEN": TOKEN}).server.ingest_token \
+        == TOKEN
+
+
+def test_empty_ingest_token_env_does_not_clear_file_token(tmp_path: Path) -> None:
+    cfg = load_file(
+        tmp_path, {"server": {"ingest_token": "from-file-token"}},
+        PRECOGX_SIDECAR_INGEST_TOKEN="",
+    )
+    assert cfg.server.ingest_token == "from-file-token"
+
+
+def test_unrelated_env_vars_are_ignored() -> None:
+    cfg = config.load(None, env={"PRECOGX_API_KEY": "k", "HOME": "/root", "PORT": "1"})
+    assert cfg.server.port == 8787
+
+
+# -- errors ---------------------------------------------------------------------------
+
+FILE_ERRORS = [
+    pytest.param("[bogus]\nx = 1\n", ["bogus", "unknown section", "known", "server"],
+                 id="unknown-section"),
+    pytest.param("[server]\nprot = 1\n", ["server.prot", "unknown key", "known", "port"],
+                 id="unknown-key"),
+    pytest.param("server = 1\n", ["server", "table"], id="section-not-a-table"),
+    pytest.param('[server]\nport = "x"\n', ["server.port", "expected int", "'x'"],
+                 id="port-string"),
+    pytest.param("[server]\nport = true\n", ["server.port", "expected int"], id="bool-for-int"),
+    pytest.param("[server]\nport = 80.5\n", ["server.port", "expected int"],
+                 id="float-for-int"),
+    pytest.param("[server]\nallow_unauthenticated = 1\n",
+                 ["server.allow_unauthenticated", "expected bool"], id="int-for-bool"),
+    pytest.param('[server]\nallow_unauthenticated = "true"\n',
+                 ["server.allow_unauthenticated", "expected bool"], id="str-for-bool"),
+    pytest.param("[server]\nhost = 127\n", ["server.host", "expected str"], id="int-for-str"),
+    pytest.param('[retry]\nmax_backoff_s = "10"\n', ["retry.max_backoff_s", "expected float"],
+                 id="str-for-float"),
+    pytest.param("[retry]\nmax_backoff_s = false\n", ["retry.max_backoff_s", "expected float"],
+                 id="bool-for-float"),
+    pytest.param("[server]\nport = -1\n", ["server.port", ">= 0", "-1"], id="port-negative"),
+    pytest.param("[spool]\nmax_events = 0\n", ["spool.max_events", ">= 1"],
+                 id="max-events-zero"),
+    pytest.param("[upstream]\nconcurrency = 0\n", ["upstream.concurrency", ">= 1"],
+                 id="concurrency-zero"),
+    pytest.param("[server]\nmax_body_bytes = 10\n", ["server.max_body_bytes", ">= 1024"],
+                 id="body-too-small"),
+    pytest.param("[retry]\ninitial_backoff_s = 0\n", ["retry.initial_backoff_s", "> 0"],
+                 id="backoff-zero"),
+    pytest.param("[server]\nidempotency_ttl_s = nan\n",
+                 ["server.idempotency_ttl_s", "finite"], id="nan-float"),
+    pytest.param("[retry]\nmax_backoff_s = inf\n", ["retry.max_backoff_s", "finite"],
+                 id="inf-float"),
+    pytest.param('[spool]\nwhen_full = "drop_newest"\n',
+                 ["spool.when_full", "'reject'", "'drop_oldest'", "'drop_newest'"],
+                 id="choice-when-full"),
+    pytest.param('[spool]\nsynchronous = "OFF"\n', ["spool.synchronous", "'FULL'", "'OFF'"],
+                 id="choice-synchronous"),
+    pytest.param('[upstream]\nmode = "stream"\n', ["upstream.mode", "'stream'"],
+                 id="choice-mode"),
+    pytest.param('[log]\nlevel = "trace"\n', ["log.level", "'trace'"], id="choice-log-level"),
+    pytest.param("[retry]\ninitial_backoff_s = 10\nmax_backoff_s = 5\n",
+                 ["retry.max_backoff_s", "retry.initial_backoff_s"], id="max-below-initial"),
+    pytest.param('[upstream]\nurl = "ftp://example.com"\n', ["upstream.url", "http"],
+                 id="url-ftp"),
+    pytest.param('[upstream]\nurl = "api.precogx.ai"\n', ["upstream.url", "http"],
+                 id="url-no-scheme"),
+    pytest.param('[spool]\npath = "  "\n', ["spool.path", "empty"], id="spool-path-empty"),
+    pytest.param("[spool]\nmax_bytes = 1048576\n[upstream]\nbatch_max_bytes = 2097152\n",
+                 ["upstream.batch_max_bytes", "spool.max_bytes"], id="batch-bigger-than-spool"),
+]
+
+
+@pytest.mark.parametrize(("toml", "expected"), FILE_ERRORS)
+def test_file_errors(tmp_path: Path, toml: str, expected: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), env={})
+    message = str(info.value)
+    for part in expected:
+        assert part in message
+    assert "\n" not in message
+
+
+def test_file_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nport = -1\n")
+    with pytest.raises(ConfigError, match=r"in .*bad\.toml"):
+        config.load(str(path), env={})
+
+
+@pytest.mark.parametrize("port", [65536, 70000])
+def test_port_above_65535_rejected(tmp_path: Path, port: int) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[server]\nport = {port}\n")
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        config.load(str(path), env={})
+
+
+ENV_ERRORS = [
+    pytest.param("PRECOGX_SIDECAR_SERVER_PORT", "x",
+                 ["server.port", "expected int", "'x'", "PRECOGX_SIDECAR_SERVER_PORT"],
+                 id="port-not-int"),
+    pytest.param("PRECOGX_SIDECAR_SERVER_PORT", "80.5",
+                 ["server.port", "expected int", "PRECOGX_SIDECAR_SERVER_PORT"],
+                 id="port-float"),
+    pytest.param("PRECOGX_SIDECAR_SERVER_PORT", "", ["server.port", "expected int"],
+                 id="port-empty"),
+    pytest.param("PRECOGX_SIDECAR_SERVER_PORT", "-1",
+                 ["server.port", ">= 0", "PRECOGX_SIDECAR_SERVER_PORT"], id="port-negative"),
+    pytest.param("PRECOGX_SIDECAR_SPOOL_MAX_EVENTS", "0", ["spool.max_events", ">= 1"],
+                 id="max-events-zero"),
+    pytest.param("PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED", "maybe",
+                 ["server.allow_unauthenticated", "expected bool", "'maybe'",
+                  "PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED"], id="bool-garbage"),
+    pytest.param("PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S", "soon",
+                 ["retry.max_backoff_s", "expected float", "PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S"],
+                 id="float-garbage"),
+    pytest.param("PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S", "nan",
+                 ["retry.max_backoff_s", "finite", "PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S"],
+                 id="float-nan"),
+    pytest.param("PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S", "inf",
+                 ["retry.max_backoff_s", "finite"], id="float-inf"),
+    pytest.param("PRECOGX_SIDECAR_SERVER_IDEMPOTENCY_TTL_S", "-inf",
+                 ["server.idempotency_ttl_s", "finite"], id="float-minus-inf"),
+    pytest.param("PRECOGX_SIDECAR_SPOOL_WHEN_FULL", "drop_newest",
+                 ["spool.when_full", "'drop_newest'", "PRECOGX_SIDECAR_SPOOL_WHEN_FULL"],
+                 id="choice"),
+    pytest.param("PRECOGX_SIDECAR_UPSTREAM_URL", "localhost:8080", ["upstream.url", "http"],
+                 id="url"),
+    pytest.param("PRECOGX_SIDECAR_RETRY_INITIAL_BACKOFF_S", "400",
+                 ["retry.max_backoff_s", "retry.initial_backoff_s"], id="initial-above-max"),
+]
+
+
+@pytest.mark.parametrize(("var", "text", "expected"), ENV_ERRORS)
+def test_env_errors(var: str, text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={var: text})
+    message = str(info.value)
+    for part in expected:
+        assert part in message
+    assert "\n" not in message
+
+
+def test_env_error_wins_over_valid_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PRECOGX_SIDECAR_SERVER_PORT"):
+        load_file(tmp_path, {"server": {"port": 9000}}, PRECOGX_SIDECAR_SERVER_PORT="x")
+
+
+def test_env_can_repair_cross_field_error_in_file(tmp_path: Path) -> None:
+    # the cross-field check sees the final values, not the file's alone
+    cfg = load_file(
+        tmp_path, {"retry": {"initial_backoff_s": 10.0, "max_backoff_s": 5.0}},
+        PRECOGX_SIDECAR_RETRY_MAX_BACKOFF_S="20",
+    )
+    assert cfg.retry.max_backoff_s == 20.0
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), env={})
+    assert str(path) in str(info.value)
+    assert "not found" in str(info.value)
+
+
+def test_missing_file_named_by_env(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(None, env={"PRECOGX_SIDECAR_CONFIG": str(path)})
+
+
+def test_directory_as_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(str(tmp_path), env={})
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[server\nport = 1\n", "[server]\nport = \n", "[server]\nport = 1\nport = 2\n",
+     "not toml at all"],
+)
+def test_invalid_toml_names_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), env={})
+    message = str(info.value)
+    assert str(path) in message
+    assert "not valid TOML" in message
+    assert "\n" not in message
+
+
+# -- secrets --------------------------------------------------------------------------
+
+
+def test_wrong_typed_secret_is_not_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\ningest_token = 987654321987\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), env={})
+    message = str(info.value)
+    assert "server.ingest_token" in message
+    assert "expected str" in message
+    assert "987654321987" not in message
+
+
+def test_wrong_typed_non_secret_is_echoed(tmp_path: Path) -> None:
+    # the counterpart: the value is hidden because it is secret, not always
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nhost = 987654321987\n")
+    with pytest.raises(ConfigError, match="987654321987"):
+        config.load(str(path), env={})
+
+
+def test_render_masks_ingest_token(tmp_path: Path) -> None:
+    cfg = load_file(tmp_path, {"server": {"ingest_token": TOKEN}})
+    text = config.render(cfg, "set (from env PRECOGX_API_KEY)")
+    assert TOKEN not in text
+    parsed = tomllib.loads(text)
+    assert parsed["server"]["ingest_token"] == "********"
+    assert "# upstream API key: set (from env PRECOGX_API_KEY)" in text
+    assert str(tmp_path / "sidecar.toml") in text
+
+
+def test_render_empty_token_stays_empty() -> None:
+    parsed = tomllib.loads(config.render(config.load(None, env={}), "NOT SET"))
+    assert parsed["server"]["ingest_token"] == ""
+
+
+def test_render_lists_every_setting() -> None:
+    cfg = config.load(None, env={})
+    parsed = tomllib.loads(config.render(cfg, "NOT SET"))
+    assert set(parsed) == set(cfg.sections())
+    for name, section in cfg.sections().items():
+        assert set(parsed[name]) == {f.name for f in dataclasses.fields(section)}
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param(
+            {
+                "server": {"host": "0.0.0.0", "port": 0, "ingest_token": TOKEN,
+                           "allow_unauthenticated": True, "shutdown_grace_s": 0.25},
+                "spool": {"path": 'C:\\spool dir\\"odd" name.db', "when_full": "drop_oldest",
+                          "synchronous": "NORMAL", "max_events": 5},
+                "upstream": {"url": "http://127.0.0.1:9/x", "api_key_file": "/run/key",
+                             "mode": "single", "requests_per_minute": 1.5, "burst": 3},
+                "retry": {"initial_backoff_s": 0.001, "max_backoff_s": 1e9},
+                "log": {"level": "debug", "format": "json"},
+            },
+            id="everything-changed",
+        ),
+    ],
+)
+def test_render_round_trip(tmp_path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    cfg = load_file(tmp_path, sections)
+    text = config.render(cfg, "NOT SET")
+    assert TOKEN not in text
+    rendered = tmp_path / "rendered.toml"
+    rendered.write_text(text)
+    again = config.load(str(rendered), env={})
+    assert non_secret_values(again) == non_secret_values(cfg)
+
+
+def test_render_round_trip_with_control_characters() -> None:
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_SPOOL_PATH": "/tmp/a\nb\x01.db"})
+    parsed = tomllib.loads(config.render(cfg, "NOT SET"))
+    assert parsed["spool"]["path"] == "/tmp/a\nb\x01.db"
+
+
+# -- check_listen_auth ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_without_token_is_fine(host: str) -> None:
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_SERVER_HOST": host})
+    assert config.is_loopback(host)
+    assert config.check_listen_auth(cfg) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "example.com", ""])
+def test_open_host_without_token_is_refused(host: str) -> None:
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_SERVER_HOST": host})
+    assert not config.is_loopback(host)
+    with pytest.raises(ConfigError) as info:
+        config.check_listen_auth(cfg)
+    assert str(info.value).startswith("server.ingest_token:")
+    assert "PRECOGX_SIDECAR_INGEST_TOKEN" in str(info.value)
+
+
+def test_open_host_allowed_unauthenticated_gives_warning() -> None:
+    cfg = config.load(
+        None,
+        env={"PRECOGX_SIDECAR_SERVER_HOST": "0.0.0.0",
+             "PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED": "true"},
+    )
+    warning = config.check_listen_auth(cfg)
+    assert isinstance(warning, str)
+    assert "0.0.0.0" in warning
+    assert "allow_unauthenticated" in warning
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_token_means_no_warning(host: str) -> None:
+    cfg = config.load(
+        None,
+        env={"PRECOGX_SIDECAR_SERVER_HOST": host, "PRECOGX_SIDECAR_INGEST_TOKEN": TOKEN,
+             "PRECOGX_SIDECAR_SERVER_ALLOW_UNAUTHENTICATED": "true"},
+    )
+    assert config.check_listen_auth(cfg) is None
+
+
+def test_refusal_names_the_host() -> None:
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_SERVER_HOST": "0.0.0.0"})
+    with pytest.raises(ConfigError, match=r"'0\.0\.0\.0'"):
+        config.check_listen_auth(cfg)
+
+
+# -- read_api_key ---------------------------------------------------------------------
+
+
+def key_file_config(path: Path) -> Config:
+    return config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_API_KEY_FILE": str(path)})
+
+
+def test_api_key_from_file_is_stripped(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("  px_live_FILEKEY123 \n\n")
+    cfg = key_file_config(key_file)
+    assert config.read_api_key(cfg, env={}) == "px_live_FILEKEY123"
+
+
+def test_api_key_file_wins_over_env(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("px_live_FILEKEY123\n")
+    cfg = key_file_config(key_file)
+    assert config.read_api_key(cfg, env={"PRECOGX_API_KEY": "px_env"}) == "px_live_FILEKEY123"
+
+
+def test_api_key_file_is_read_again(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("first\n")
+    cfg = key_file_config(key_file)
+    assert config.read_api_key(cfg, env={}) == "first"
+    key_file.write_text("second\n")
+    assert config.read_api_key(cfg, env={}) == "second"
+
+
+@pytest.mark.parametrize("content", ["", "\n", "   \n\t\n"])
+def test_empty_api_key_file_is_an_error(tmp_path: Path, content: str) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        config.read_api_key(key_file_config(key_file), env={"PRECOGX_API_KEY": "px_env"})
+    assert "upstream.api_key_file" in str(info.value)
+    assert "empty" in str(info.value)
+
+
+def test_missing_api_key_file_is_an_error(tmp_path: Path) -> None:
+    key_file = tmp_path / "missing-key"
+    with pytest.raises(ConfigError) as info:
+        config.read_api_key(key_file_config(key_file), env={"PRECOGX_API_KEY": "px_env"})
+    assert "upstream.api_key_file" in str(info.value)
+    assert str(key_file) in str(info.value)
+
+
+def test_non_utf8_api_key_file_is_a_config_error(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"\xff\xfepx_live\n")
+    with pytest.raises(ConfigError, match=r"upstream\.api_key_file"):
+        config.read_api_key(key_file_config(key_file), env={})
+
+
+def test_api_key_from_env_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRECOGX_API_KEY", "px_process_env")
+    cfg = config.load(None, env={})
+    assert config.read_api_key(cfg, env={"PRECOGX_API_KEY": " px_live_ENV \n"}) == "px_live_ENV"
+    assert config.read_api_key(cfg, env={}) == ""
+    assert config.read_api_key(cfg) == "px_process_env"
+
+
+def test_no_api_key_is_empty_string() -> None:
+    cfg = config.load(None, env={})
+    assert config.read_api_key(cfg, env={}) == ""
+    assert config.read_api_key(cfg, env={"PRECOGX_API_KEY": "  "}) == ""
+
+
+def test_misspelt_env_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="PRECOGX_SIDECAR_SERVER_PROT: unknown environment"):
+        config.load(None, env={"PRECOGX_SIDECAR_SERVER_PROT": "9000"})
+
+
+def test_choices_ignore_case() -> None:
+    cfg = config.load(None, env={"PRECOGX_SIDECAR_SPOOL_SYNCHRONOUS": "normal",
+                          "PRECOGX_SIDECAR_LOG_LEVEL": "INFO"})
+    assert (cfg.spool.synchronous, cfg.log.level) == ("NORMAL", "info")
+
+
+@pytest.mark.parametrize("url", ["https://", "ftp://example.com", "api.precogx.ai"])
+def test_upstream_url_needs_scheme_and_host(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.url"):
+        config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})

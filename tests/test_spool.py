@@ -1,0 +1,159 @@
+"""The spool on its own: real SQLite files, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import SpoolConfig
+from sidecar.spool import Spool, SpoolFull, SpoolUnavailable, SpoolVersionError
+from sidecar.spool.schema import SCHEMA_VERSION
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = Spool(SpoolConfig(path=str(tmp_path / "spool.db"), max_events=100))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def put(spool: Spool, n: int, key: str | None = None) -> list[int]:
+    ids = spool.allocate_ids(n)
+    return await spool.append(ids, [b'{"n": %d}' % i for i in ids], key)
+
+
+async def test_new_spool_is_versioned_and_named(spool: Spool, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert len(spool.spool_id) == 12
+    assert spool.event_ref(5) == f"{spool.spool_id}-5"
+
+
+async def test_concurrent_appends_share_commits_and_all_land(spool: Spool) -> None:
+    results = await asyncio.gather(*(put(spool, 1) for _ in range(50)))
+    ids = [i for r in results for i in r]
+    assert len(set(ids)) == 50
+    assert spool.counts.pending == 50
+
+
+async def test_ids_never_repeat_after_the_spool_drains(tmp_path: Path) -> None:
+    config = SpoolConfig(path=str(tmp_path / "s.db"))
+    first = Spool(config)
+    await first.open()
+    ids = await put(first, 3)
+    await first.delete(await first.claim(10, 1 << 20))
+    await first.close()
+    second = Spool(config)
+    await second.open()
+    assert min(await put(second, 1)) > max(ids)
+    assert second.spool_id == first.spool_id
+    await second.close()
+
+
+async def test_claim_respects_limits_and_skips_inflight(spool: Spool) -> None:
+    await put(spool, 10)
+    first = await spool.claim(4, 1 << 20)
+    second = await spool.claim(4, 1 << 20)
+    assert [e.id for e in first] == [1, 2, 3, 4]
+    assert [e.id for e in second] == [5, 6, 7, 8]
+    assert spool.unclaimed == 2
+    by_bytes = await spool.claim(10, 16)
+    assert len(by_bytes) == 1  # always at least one, even if larger than the limit
+
+
+async def test_released_events_are_claimed_again(spool: Spool) -> None:
+    await put(spool, 3)
+    batch = await spool.claim(3, 1 << 20)
+    spool.release(batch)
+    assert [e.id for e in await spool.claim(3, 1 << 20)] == [1, 2, 3]
+
+
+async def test_reschedule_and_dead_letter_are_recorded(spool: Spool, tmp_path: Path) -> None:
+    await put(spool, 2)
+    batch = await spool.claim(2, 1 << 20)
+    await spool.reschedule(batch, 123.0, 503, "HTTP 503: busy")
+    await spool.dead_letter(batch[:1], "rejected", 400, "HTTP 400: bad")
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        rows = db.execute(
+            "SELECT id, state, attempts, last_status, last_error, dead_reason FROM events"
+        ).fetchall()
+    assert rows == [
+        (1, "dead", 2, 400, "HTTP 400: bad", "rejected"),
+        (2, "pending", 1, 503, "HTTP 503: busy", None),
+    ]
+    assert (spool.counts.pending, spool.counts.dead) == (1, 1)
+
+
+async def test_full_spool_refuses_whole_requests(tmp_path: Path) -> None:
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db"), max_events=5))
+    await s.open()
+    await put(s, 4)
+    with pytest.raises(SpoolFull):
+        await put(s, 2)
+    assert s.counts.pending == 4
+    await s.close()
+
+
+async def test_idempotent_repeat_returns_first_ids(spool: Spool) -> None:
+    first = await put(spool, 2, key="k")
+    assert await put(spool, 2, key="k") == first
+    assert spool.counts.pending == 2
+
+
+async def test_expired_idempotency_keys_are_forgotten(tmp_path: Path) -> None:
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db")), idempotency_ttl_s=1e-9)
+    await s.open()
+    first = await put(s, 1, key="k")
+    await s.prune_idempotency_keys()
+    assert await put(s, 1, key="k") != first
+    await s.close()
+
+
+async def test_close_commits_what_was_handed_in_then_refuses(tmp_path: Path) -> None:
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db")))
+    await s.open()
+    ids = s.allocate_ids(1)
+    pending = s.append(ids, [b"{}"])
+    await s.close()
+    assert await pending == ids
+    with pytest.raises(SpoolUnavailable):
+        await s.append(s.allocate_ids(1), [b"{}"])
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    s = Spool(SpoolConfig(path=str(path)))
+    with pytest.raises(SpoolVersionError, match="newer than this sidecar"):
+        await s.open()
+
+
+async def test_external_changes_are_noticed(spool: Spool, tmp_path: Path) -> None:
+    await put(spool, 3)
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("DELETE FROM events WHERE id = 1")
+    await spool.sync_external_changes()
+    assert spool.counts.pending == 2
+
+
+async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -> None:
+    # Another process holding the write lock past busy_timeout makes the commit fail.
+    blocker = sqlite3.connect(tmp_path / "spool.db", timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        await spool._wdb.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        with pytest.raises(SpoolUnavailable):
+            await put(spool, 1)
+        assert spool.write_error is not None
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert await put(spool, 1)
+    assert spool.write_error is None
