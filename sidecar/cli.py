@@ -6,11 +6,16 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from sidecar import __version__, config, logs
 from sidecar.config import Config, ConfigError
+from sidecar.spool import admin
 
 log = logging.getLogger("sidecar")
 
@@ -32,22 +37,76 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--config", metavar="FILE",
-            help="TOML config file (default: env PRECOGX_SIDECAR_CONFIG)",
-        )
-        p.set_defaults(handler=handler)
-        return p
-
-    command("run", _run, "Run the sidecar until SIGTERM or SIGINT.")
-    command(
-        "check-config", _check_config,
+    _command(sub, "run", _run, "Run the sidecar until SIGTERM or SIGINT.")
+    _command(
+        sub, "check-config", _check_config,
         "Print the effective configuration (secrets masked); exit 1 on an error.",
     )
+
+    dead = sub.add_parser("dead-letters", help="List, show, replay or purge dead letters.")
+    dead_sub = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _command(dead_sub, "list", _dead_list, "List dead letters (oldest first).")
+    _filters(p, since=True)
+    p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    p = _command(dead_sub, "show", _dead_show, "Print one dead letter as JSON.")
+    p.add_argument("id", type=int)
+    p = _command(dead_sub, "replay", _dead_replay, "Send dead letters again (attempts reset).")
+    _filters(p, ids=True, all_=True)
+    p = _command(dead_sub, "purge", _dead_purge, "Delete dead letters for good.")
+    _filters(p, before=True, all_=True)
+    p.add_argument("--yes", action="store_true", help="really delete")
+
+    spool = sub.add_parser("spool", help="Inspect the spool file.")
+    spool_sub = spool.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _command(spool_sub, "stats", _spool_stats, "Counts by state, bytes, oldest pending age.")
+    p.add_argument("--json", action="store_true", help="JSON on stdout")
+    _command(
+        spool_sub, "check", _spool_check,
+        "SQLite integrity check plus the spool's invariants; exit 1 on a problem.",
+    )
     return parser
+
+
+def _command(
+    sub: Any, name: str, handler: Callable[[argparse.Namespace], int], help: str
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    p.add_argument(
+        "--config", metavar="FILE",
+        help="TOML config file (default: env PRECOGX_SIDECAR_CONFIG)",
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _filters(
+    p: argparse.ArgumentParser, *, since: bool = False, before: bool = False,
+    ids: bool = False, all_: bool = False,
+) -> None:
+    p.add_argument("--reason", help="only this reason (too_large, rejected, client_error, ...)")
+    if since:
+        p.add_argument("--since", type=_time_arg, help="dead since T (ISO time, or 30m/2h/7d ago)")
+    if before:
+        p.add_argument("--before", type=_time_arg, help="dead before T (ISO time, or 7d ago)")
+    if ids:
+        p.add_argument("--id", type=int, action="append", default=[], dest="ids", metavar="ID")
+    if all_:
+        p.add_argument("--all", action="store_true", help="every dead letter")
+
+
+def _time_arg(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO time (2026-11-01T10:00:00Z) nor a duration (30m, 2h, 7d)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -106,3 +165,130 @@ def _check_config(args: argparse.Namespace) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+# -- dead letters and spool ------------------------------------------------------
+
+
+def _with_spool(args: argparse.Namespace, work: Callable[[Any], int]) -> int:
+    try:
+        cfg = _load(args)
+        with admin.open_spool(cfg.spool.path) as db:
+            return work(db)
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except admin.AdminError as e:
+        return _fail(str(e))
+
+
+def _selection(args: argparse.Namespace) -> admin.Selection:
+    return admin.Selection(
+        reason=args.reason,
+        ids=getattr(args, "ids", ()),
+        since=getattr(args, "since", None),
+        before=getattr(args, "before", None),
+    )
+
+
+def _progress(verb: str) -> admin.Progress:
+    def report(done: int, total: int) -> None:
+        print(f"{verb} {done}/{total}", file=sys.stderr)
+
+    return report
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    def work(db: Any) -> int:
+        records = admin.list_dead(db, _selection(args))
+        if args.json:
+            _print_json(records)
+            return 0
+        print(f"{'ID':>8}  {'DEAD AT':20}  {'REASON':12}  {'STATUS':>6}  {'TRIES':>5}  ERROR")
+        for r in records:
+            error = (r["error"] or "").replace("\n", " ")[:60]
+            print(
+                f"{r['id']:>8}  {r['dead_at']:20}  {r['reason']:12}  {r['status'] or '-':>6}  "
+                f"{r['attempts']:>5}  {error}"
+            )
+        print(f"{len(records)} dead letters", file=sys.stderr)
+        return 0
+
+    return _with_spool(args, work)
+
+
+def _dead_show(args: argparse.Namespace) -> int:
+    def work(db: Any) -> int:
+        _print_json(admin.show_dead(db, args.id))
+        return 0
+
+    return _with_spool(args, work)
+
+
+def _needs_filter(args: argparse.Namespace, verb: str) -> str | None:
+    chosen = args.reason or getattr(args, "ids", None) or getattr(args, "before", None)
+    if not chosen and not args.all:
+        return f"{verb} what? give --reason, {'--id' if verb == 'replay' else '--before'} or --all"
+    return None
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    if problem := _needs_filter(args, "replay"):
+        return _fail(problem)
+
+    def work(db: Any) -> int:
+        n = admin.replay(db, _selection(args), _progress("replayed"))
+        print(f"{n} dead letters back to pending; the running sidecar sends them within seconds")
+        return 0
+
+    return _with_spool(args, work)
+
+
+def _dead_purge(args: argparse.Namespace) -> int:
+    if problem := _needs_filter(args, "purge"):
+        return _fail(problem)
+
+    def work(db: Any) -> int:
+        if not args.yes:
+            n = len(admin.list_dead(db, _selection(args)))
+            return _fail(f"would delete {n} dead letters for good; add --yes to do it")
+        n = admin.purge(db, _selection(args), _progress("purged"))
+        print(f"{n} dead letters purged")
+        return 0
+
+    return _with_spool(args, work)
+
+
+def _spool_stats(args: argparse.Namespace) -> int:
+    def work(db: Any) -> int:
+        stats = admin.stats(db)
+        if args.json:
+            _print_json(stats)
+            return 0
+        events = stats["events"]
+        print(f"pending      {events['pending']}")
+        print(f"dead         {events['dead']}")
+        print(f"bytes        {stats['bytes']}")
+        age = stats["oldest_pending_age_s"]
+        print(f"oldest       {'-' if age is None else f'{age:.1f}s'}")
+        for reason, n in stats["dead_by_reason"].items():
+            print(f"dead/{reason:<8}{n}")
+        return 0
+
+    return _with_spool(args, work)
+
+
+def _spool_check(args: argparse.Namespace) -> int:
+    def work(db: Any) -> int:
+        problems = admin.check(db)
+        for problem in problems:
+            print(f"problem: {problem}")
+        if problems:
+            return 1
+        print("ok")
+        return 0
+
+    return _with_spool(args, work)

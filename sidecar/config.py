@@ -65,6 +65,7 @@ class SpoolConfig:
     path: str = _opt("./precogx-spool.db", doc="SQLite file holding undelivered events")
     max_events: int = _opt(1_000_000, ge=1, doc="events (pending + dead) the spool may hold")
     max_bytes: int = _opt(1024 * MIB, ge=MIB, doc="payload bytes the spool may hold")
+    max_dead_events: int = _opt(100_000, ge=0, doc="dead letters kept (oldest pruned)")
     when_full: str = _opt("reject", choices=("reject", "drop_oldest"), doc="full spool policy")
     synchronous: str = _opt("FULL", choices=("FULL", "NORMAL"), doc="SQLite durability level")
     commit_max_events: int = _opt(5000, ge=1, doc="most events in one group commit")

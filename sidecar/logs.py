@@ -59,6 +59,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's access log is one line per request: far too loud for an ingest path.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Only our own loggers follow log.level: libraries at debug print SQL parameters and
+    # request bodies, which are the very prompts and responses we must not leak.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("sidecar").setLevel(level.upper())

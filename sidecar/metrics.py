@@ -93,7 +93,8 @@ class Metrics:
             self.delivery_failures.labels(reason)
         for state in ("pending", "inflight", "dead"):
             self.spool_events.labels(state)
-        self.events_dropped.labels("spool_full")
+        for reason in ("spool_full", "dead_letter_pruned"):
+            self.events_dropped.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,7 +26,6 @@ from sidecar.spool import Spool, SpoolUnavailable, SpoolVersionError
 
 log = logging.getLogger("sidecar")
 
-SYNC_EVERY_S = 5.0
 PRUNE_EVERY_S = 60.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -158,17 +157,16 @@ class Server:
     async def _maintain(self) -> None:
         """Checkpoint the WAL, track the oldest pending event, notice CLI edits, prune keys."""
         interval = self.config.spool.checkpoint_interval_s
-        last_sync = last_prune = time.monotonic()
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.spool.checkpoint()
                 oldest = await self.spool.oldest_pending_received_at()
                 self.metrics.oldest_pending_age.set(time.time() - oldest if oldest else 0)
+                # Cheap (one PRAGMA) unless the CLI changed the file: then a recount.
+                await self.spool.sync_external_changes()
                 now = time.monotonic()
-                if now - last_sync >= SYNC_EVERY_S:
-                    last_sync = now
-                    await self.spool.sync_external_changes()
                 if now - last_prune >= PRUNE_EVERY_S:
                     last_prune = now
                     await self.spool.prune_idempotency_keys()

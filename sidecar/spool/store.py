@@ -245,22 +245,41 @@ class Spool:
     async def dead_letter(
         self, events: Sequence[StoredEvent], reason: str, status: int | None, error: str
     ) -> None:
+        """Keep the events, with why they could not be delivered, for list and replay."""
         now = time.time()
         rows = [(reason, now, status, error[:500], e.id) for e in events]
 
-        async def run(db: aiosqlite.Connection) -> None:
+        async def run(db: aiosqlite.Connection) -> tuple[int, int]:
             await db.executemany(
                 "UPDATE events SET state = 'dead', dead_reason = ?, dead_at = ?, "
                 "last_status = ?, last_error = ?, attempts = attempts + 1 WHERE id = ?",
                 rows,
             )
+            return await self._prune_dead(db, self.counts.dead + len(events))
 
-        def after(_: Any) -> None:
+        def after(pruned: tuple[int, int]) -> None:
             self.counts.pending -= len(events)
-            self.counts.dead += len(events)
+            self.counts.dead += len(events) - pruned[0]
+            self.counts.bytes -= pruned[1]
             self.inflight.difference_update(e.id for e in events)
+            if pruned[0]:
+                self.dropped("dead_letter_pruned", pruned[0])
+                log.warning(
+                    "dead letters over spool.max_dead_events: pruned the %d oldest", pruned[0]
+                )
 
         await self._submit(run, after)
+
+    async def _prune_dead(self, db: aiosqlite.Connection, dead: int) -> tuple[int, int]:
+        excess = dead - self.config.max_dead_events
+        if excess <= 0:
+            return 0, 0
+        rows = list(await db.execute_fetchall(
+            "SELECT id, size FROM events WHERE state = 'dead' ORDER BY dead_at, id LIMIT ?",
+            (excess,),
+        ))
+        await db.executemany("DELETE FROM events WHERE id = ?", [(r[0],) for r in rows])
+        return len(rows), sum(r[1] for r in rows)
 
     async def oldest_pending_received_at(self) -> float | None:
         assert self._rdb is not None

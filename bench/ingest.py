@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Durable ingest throughput and latency of the sidecar, against a no-op aiohttp baseline.
+
+What is measured
+  1. bench/noop_server.py (same aiohttp, same uvloop, a handler that only reads the body
+     and answers 202) under wrk: 50 keep-alive connections, one wrk thread, POSTing the
+     example Dify event to /api/v1/integrations/dify/telemetry, then batches of 100.
+  2. The real sidecar (no API key, so it only accepts and spools: SQLite WAL,
+     synchronous=FULL by default, group commit) under exactly the same load.
+  Each measurement is preceded by a warm-up run (default 2 s) and lasts 10 s. The server
+  under test is pinned to one CPU and wrk to another (taskset), one after the other.
+
+How to read it
+  - "ratio" is sidecar req/s / no-op req/s for single events: the share of the bare HTTP
+    stack's speed left after making every event durable. Target >= 65 %.
+  - p50/p99 are wrk's latency percentiles for single events. Target p99 <= 10 ms.
+  - "batched events/s" is req/s x 100 for batches of 100 events. Target >= 100,000.
+  - Every figure is printed with its target and PASS/MISS; nothing is asserted.
+  - Any non-2xx answer or socket error is printed in a "!!!" banner: the figure of that
+    run measured error answers, not ingest.
+  - After the sidecar stopped, the spool's rows are counted read-only and compared with
+    the 2xx answers wrk counted. Rows >= 2xx is expected (requests still in flight when
+    wrk stopped are committed but not counted by wrk); rows < 2xx means a 202 was given
+    for an event that is not on disk: LOSS, printed loudly.
+
+Run from the repository root:  python bench/ingest.py [--duration 10] [--synchronous NORMAL]
+Needs wrk (apt-get install wrk); exits 2 without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from _common import (
+    BATCH_PATH,
+    ROOT,
+    SINGLE_PATH,
+    ChildError,
+    WrkResult,
+    batch_body,
+    complain_about_logs,
+    cpu_plan,
+    event_body,
+    filesystem_of,
+    get_text,
+    have_wrk,
+    loud,
+    metric_sum,
+    post,
+    run_wrk,
+    same_filesystem,
+    say,
+    sidecar_sections,
+    spool_rows,
+    start_noop,
+    start_sidecar,
+    stop_on_signals,
+    verdict,
+    write_config,
+    wrk_missing_exit,
+)
+
+BATCH_EVENTS = 100
+TARGET_RATIO = 0.65
+TARGET_P99_MS = 10.0
+TARGET_BATCH_EVENTS_S = 100_000
+
+
+@dataclass
+class Runs:
+    """The wrk runs against one server; events_per_request per run for the spool check."""
+
+    single: WrkResult
+    batch: WrkResult
+    all: list[tuple[WrkResult, int]]
+
+
+def measure(name: str, base: str, args: argparse.Namespace, tmp: Path, cpu: int | None) -> Runs:
+    single_body, many_body = event_body(), batch_body(BATCH_EVENTS)
+    runs: list[tuple[WrkResult, int]] = []
+
+    def wrk(label: str, path: str, body: bytes, seconds: int, events: int) -> WrkResult:
+        say(f"  wrk {label}: {seconds}s, {args.connections} connections ...")
+        r = run_wrk(
+            f"{name} {label}", base + path, body, workdir=tmp, connections=args.connections,
+            seconds=seconds, cpu=cpu,
+        )
+        runs.append((r, events))
+        say(
+            f"    {r.rps:12,.0f} req/s  p50 {r.p50:7.2f} ms  p99 {r.p99:7.2f} ms  "
+            f"{r.requests:,} requests, {r.non2xx} non-2xx, socket errors {r.errors - r.non2xx}"
+        )
+        return r
+
+    if args.warmup > 0:
+        wrk("warm-up single", SINGLE_PATH, single_body, args.warmup, 1)
+    single = wrk("single", SINGLE_PATH, single_body, args.duration, 1)
+    if args.warmup > 0:
+        wrk(f"warm-up batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.warmup, BATCH_EVENTS)
+    batch = wrk(f"batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.duration, BATCH_EVENTS)
+    return Runs(single, batch, runs)
+
+
+def smoke(name: str, url: str, body: bytes) -> None:
+    """One request before the load: wrk must measure accepted events, not error answers."""
+    status, answer = post(url, body)
+    if status != 202:
+        raise ChildError(f"{name}: smoke request to {url} got {status}: {answer[:300]!r}")
+
+
+def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]) -> Runs:
+    say(f"\n== no-op aiohttp server (CPU {cpus[0]}), wrk on CPU {cpus[1]}")
+    child, port = start_noop(cpus[0])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        say(f"  {child.output('stdout')[0]}")
+        smoke("noop", base + SINGLE_PATH, event_body())
+        return measure("noop", base, args, tmp, cpus[1])
+    finally:
+        child.stop()
+
+
+@dataclass
+class SidecarResult:
+    runs: Runs
+    received_metric: float
+    exit_code: int | None
+    rows: int | None
+    rows_error: str | None
+
+
+def bench_sidecar(
+    args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]
+) -> SidecarResult:
+    say(f"\n== sidecar, synchronous={args.synchronous}, no API key (CPU {cpus[0]}), "
+        f"wrk on CPU {cpus[1]}")
+    spool = tmp / "spool.db"
+    config = write_config(tmp / "sidecar.toml", sidecar_sections(spool, args.synchronous))
+    child, port = start_sidecar(config, cpus[0])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        say(f"  sidecar listening on {base}, spool {spool}")
+        smoke("sidecar", base + SINGLE_PATH, event_body())
+        runs = measure("sidecar", base, args, tmp, cpus[1])
+        time.sleep(1.0)  # let requests still in flight when wrk stopped commit
+        received = metric_sum(get_text(base + "/metrics"), "precogx_sidecar_events_received_total")
+    finally:
+        code = child.stop()
+    complain_about_logs(child)
+    if code != 0:
+        loud(f"the sidecar exited with code {code} after SIGTERM (expected 0)")
+    rows: int | None = None
+    rows_error: str | None = None
+    try:
+        rows = spool_rows(spool)[0]
+    except sqlite3.Error as e:
+        rows_error = f"{type(e).__name__}: {e}"
+    return SidecarResult(runs, received, code, rows, rows_error)
+
+
+def report(noop: Runs, side: SidecarResult, args: argparse.Namespace) -> None:
+    s, n = side.runs.single, noop.single
+    ratio = s.rps / n.rps if n.rps else 0.0
+    batch_eps = side.runs.batch.rps * BATCH_EVENTS
+    noop_batch_eps = noop.batch.rps * BATCH_EVENTS
+    errors = sum(r.errors for r, _ in noop.all + side.runs.all)
+
+    say("\n" + "=" * 78)
+    say(f"RESULTS  (synchronous={args.synchronous}, {args.connections} connections, "
+        f"{args.duration}s per run)")
+    say("=" * 78)
+    say(f"{'':34}{'no-op':>12}{'sidecar':>12}   target")
+    say(f"{'single event req/s':34}{n.rps:12,.0f}{s.rps:12,.0f}")
+    say(f"{'ratio sidecar / no-op':34}{'':12}{ratio:11.1%}    >= {TARGET_RATIO:.0%}  "
+        f"{verdict(ratio >= TARGET_RATIO)}")
+    say(f"{'single event p50 (ms)':34}{n.p50:12.2f}{s.p50:12.2f}")
+    say(f"{'single event p99 (ms)':34}{n.p99:12.2f}{s.p99:12.2f}    <= {TARGET_P99_MS:g} ms  "
+        f"{verdict(s.p99 <= TARGET_P99_MS)}")
+    say(f"{f'batched (x{BATCH_EVENTS}) req/s':34}{noop.batch.rps:12,.0f}"
+        f"{side.runs.batch.rps:12,.0f}")
+    say(f"{f'batched (x{BATCH_EVENTS}) p99 (ms)':34}{noop.batch.p99:12.2f}"
+        f"{side.runs.batch.p99:12.2f}")
+    say(f"{'batched events/s':34}{noop_batch_eps:12,.0f}{batch_eps:12,.0f}    "
+        f">= {TARGET_BATCH_EVENTS_S:,}  {verdict(batch_eps >= TARGET_BATCH_EVENTS_S)}")
+    say(f"{'non-2xx + socket errors (all runs)':34}{'':12}{errors:12,}    == 0  "
+        f"{verdict(errors == 0)}")
+
+    expected = 1 + sum(r.ok * events for r, events in side.runs.all)  # 1: the smoke request
+    say(f"\nspool check: events answered 2xx (wrk, incl. warm-ups + 1 smoke) = {expected:,}; "
+        f"events_received metric = {side.received_metric:,.0f}")
+    if side.rows is None:
+        loud(f"could not count the spool's rows: {side.rows_error}")
+    elif side.rows < expected:
+        loud(f"LOSS: the spool holds {side.rows:,} events but {expected:,} were answered 2xx "
+             f"({expected - side.rows:,} missing)")
+    else:
+        say(f"spool rows = {side.rows:,} >= 2xx count: OK (+{side.rows - expected:,}: requests "
+            "still in flight when wrk stopped, committed but not counted by wrk)")
+    if errors:
+        loud(f"{errors} errors during the runs: the figures above include error answers")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=50, help="keep-alive connections")
+    parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
+                        type=str.upper, help="the sidecar's spool.synchronous")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    stop_on_signals()
+    if not have_wrk():
+        wrk_missing_exit()
+
+    all_cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, load_cpu = cpu_plan()
+    if load_cpu is not None:
+        os.sched_setaffinity(0, {load_cpu})  # keep this script off the server's CPU too
+    tmp = Path(tempfile.mkdtemp(prefix="precogx-bench-ingest-", dir="/tmp"))
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    say(f"python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
+        f"event loop for both servers: {'uvloop' if uvloop else 'asyncio (uvloop NOT installed)'}")
+    say(f"CPUs available: {all_cpus}; server on CPU {server_cpu}, "
+        f"wrk (and this script) on CPU {load_cpu}")
+    if load_cpu is None:
+        loud("fewer than 2 CPUs: nothing is pinned, server and wrk share the CPU")
+    say(f"spool dir {tmp}: {filesystem_of(tmp)}; same filesystem as {ROOT}: "
+        f"{'yes' if same_filesystem(tmp, ROOT) else 'NO'}")
+    try:
+        noop = bench_noop(args, tmp, (server_cpu, load_cpu))
+        side = bench_sidecar(args, tmp, (server_cpu, load_cpu))
+    except ChildError as e:
+        loud(f"benchmark aborted: {e}")
+        return 1
+    except KeyboardInterrupt:
+        loud("interrupted: servers stopped, no figures")
+        return 130
+    finally:
+        if args.keep:
+            say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(noop, side, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

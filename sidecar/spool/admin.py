@@ -1,0 +1,201 @@
+"""Operator commands on a spool file: dead letters, stats, integrity.
+
+These use plain sqlite3 and short transactions, so they work on a spool that a
+running sidecar is using: SQLite's locking keeps both sides consistent, and the
+sidecar notices the change (PRAGMA data_version) and recounts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sidecar.spool.schema import SCHEMA_VERSION
+
+CHUNK = 1000
+DEAD_COLUMNS = "id, dead_reason, last_status, last_error, attempts, dead_at, received_at, payload"
+
+
+class AdminError(Exception):
+    """The operation cannot run; ``str()`` is the message for the operator."""
+
+
+@contextmanager
+def open_spool(path: str) -> Iterator[sqlite3.Connection]:
+    if not Path(path).exists():
+        raise AdminError(f"spool.path: {path} does not exist")
+    db = sqlite3.connect(path, timeout=10, isolation_level=None)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise AdminError(
+                f"{path}: spool schema version {version}, this tool knows {SCHEMA_VERSION}; "
+                "start the sidecar of the matching version once to migrate it"
+            )
+        yield db
+    except sqlite3.DatabaseError as e:
+        raise AdminError(f"{path}: {e}") from None
+    finally:
+        db.close()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an operation touches; every given filter must match."""
+
+    reason: str | None = None
+    ids: Sequence[int] = ()
+    since: float | None = None
+    before: float | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = ["state = 'dead'"]
+        params: list[Any] = []
+        if self.reason is not None:
+            clauses.append("dead_reason = ?")
+            params.append(self.reason)
+        if self.ids:
+            clauses.append(f"id IN ({','.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        if self.since is not None:
+            clauses.append("dead_at >= ?")
+            params.append(self.since)
+        if self.before is not None:
+            clauses.append("dead_at < ?")
+            params.append(self.before)
+        return " AND ".join(clauses), params
+
+
+def dead_letter_record(row: Sequence[Any]) -> dict[str, Any]:
+    event_id, reason, status, error, attempts, dead_at, received_at, payload = row
+    return {
+        "id": event_id,
+        "reason": reason,
+        "status": status,
+        "error": error,
+        "attempts": attempts,
+        "dead_at": iso(dead_at),
+        "received_at": iso(received_at),
+        "event": orjson.loads(payload),
+    }
+
+
+def list_dead(db: sqlite3.Connection, selection: Selection) -> list[dict[str, Any]]:
+    where, params = selection.where()
+    rows = db.execute(f"SELECT {DEAD_COLUMNS} FROM events WHERE {where} ORDER BY id", params)
+    return [dead_letter_record(row) for row in rows]
+
+
+def show_dead(db: sqlite3.Connection, event_id: int) -> dict[str, Any]:
+    found = list_dead(db, Selection(ids=[event_id]))
+    if not found:
+        raise AdminError(f"no dead letter with id {event_id}")
+    return found[0]
+
+
+Progress = Callable[[int, int], None]
+
+
+def replay(db: sqlite3.Connection, selection: Selection, progress: Progress) -> int:
+    """Back to pending with attempts reset: the sidecar sends them again."""
+    return _in_chunks(
+        db, selection, progress,
+        "UPDATE events SET state = 'pending', attempts = 0, next_attempt_at = 0, "
+        "dead_reason = NULL, dead_at = NULL WHERE id = ?",
+    )
+
+
+def purge(db: sqlite3.Connection, selection: Selection, progress: Progress) -> int:
+    return _in_chunks(db, selection, progress, "DELETE FROM events WHERE id = ?")
+
+
+def _in_chunks(db: sqlite3.Connection, selection: Selection, progress: Progress, sql: str) -> int:
+    """Short transactions, so a running sidecar's commits are never held up for long."""
+    where, params = selection.where()
+    ids = [row[0] for row in db.execute(f"SELECT id FROM events WHERE {where} ORDER BY id", params)]
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        db.execute("BEGIN IMMEDIATE")
+        # Re-check the state inside the transaction: the sidecar may have moved the row.
+        db.executemany(sql + " AND state = 'dead'", [(i,) for i in chunk])
+        db.execute("COMMIT")
+        progress(min(start + CHUNK, len(ids)), len(ids))
+    return len(ids)
+
+
+def stats(db: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    counts = {"pending": 0, "dead": 0}
+    size = 0
+    for state, n, state_bytes in db.execute(
+        "SELECT state, count(*), coalesce(sum(size), 0) FROM events GROUP BY state"
+    ):
+        counts[state] = n
+        size += state_bytes
+    oldest = db.execute(
+        "SELECT received_at FROM events WHERE state = 'pending' ORDER BY id LIMIT 1"
+    ).fetchone()
+    by_reason = dict(
+        db.execute(
+            "SELECT dead_reason, count(*) FROM events WHERE state = 'dead' "
+            "GROUP BY dead_reason ORDER BY dead_reason"
+        ).fetchall()
+    )
+    return {
+        "events": counts,
+        "bytes": size,
+        "oldest_pending_age_s": round(now - oldest[0], 3) if oldest else None,
+        "dead_by_reason": by_reason,
+        "idempotency_keys": db.execute("SELECT count(*) FROM idempotency").fetchone()[0],
+        "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
+    }
+
+
+# Each invariant: a query returning offending rows, and what it means.
+INVARIANTS: list[tuple[str, str]] = [
+    ("SELECT id FROM events WHERE state NOT IN ('pending', 'dead') LIMIT 5",
+     "events in an unknown state"),
+    ("SELECT id FROM events WHERE state = 'dead' AND (dead_reason IS NULL OR dead_at IS NULL) "
+     "LIMIT 5", "dead letters without a reason or time"),
+    ("SELECT id FROM events WHERE state = 'pending' AND dead_reason IS NOT NULL LIMIT 5",
+     "pending events carrying a dead-letter reason"),
+    ("SELECT id FROM events WHERE size != length(payload) LIMIT 5",
+     "events whose recorded size does not match their payload"),
+    ("SELECT id FROM events WHERE json_valid(payload) = 0 OR json_type(payload) != 'object' "
+     "LIMIT 5", "payloads that are not JSON objects"),
+    ("SELECT id FROM events WHERE attempts < 0 LIMIT 5", "negative attempt counts"),
+    ("SELECT id FROM events WHERE id >= (SELECT CAST(value AS INTEGER) FROM meta "
+     "WHERE key = 'next_id') LIMIT 5", "ids at or past the id counter (ids could repeat)"),
+    ("SELECT key FROM idempotency WHERE json_valid(ids) = 0 LIMIT 5",
+     "idempotency records with unreadable ids"),
+]
+
+
+def check(db: sqlite3.Connection) -> list[str]:
+    """SQLite's integrity check plus the spool's own invariants; [] when all is well."""
+    problems = [
+        f"sqlite integrity_check: {row[0]}"
+        for row in db.execute("PRAGMA integrity_check")
+        if row[0] != "ok"
+    ]
+    for key in ("spool_id", "next_id"):
+        if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is None:
+            problems.append(f"meta table lacks {key!r}")
+    for sql, meaning in INVARIANTS:
+        offenders = [str(row[0]) for row in db.execute(sql)]
+        if offenders:
+            problems.append(f"{meaning}: {', '.join(offenders)}")
+    return problems
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,194 @@
+"""Dead letters and spool commands, run as real processes against a live sidecar's spool."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import sqlite3
+from typing import Any
+
+import orjson
+
+from tests.conftest import EXAMPLE_EVENT, ROOT, Sidecar, StartSidecar, sidecar_command
+from tests.fake_precogx import FakePrecogX
+
+BATCH = "/api/v1/telemetry/batch"
+
+
+async def cli(sidecar: Sidecar, *args: str) -> tuple[int, str, str]:
+    """Run the CLI without blocking the loop: the sidecar keeps serving meanwhile."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRECOGX_")}
+    env["PYTHONPATH"] = str(ROOT)
+    config_path = os.path.join(os.path.dirname(sidecar.config.spool.path), "sidecar.toml")
+    proc = await asyncio.create_subprocess_exec(
+        *sidecar_command(*args, "--config", config_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def send(sidecar: Sidecar, agents: list[str]) -> list[int]:
+    items = []
+    for i, agent in enumerate(agents):
+        e = copy.deepcopy(EXAMPLE_EVENT)
+        e.update(agentId=agent, prompt=f"prompt {i}")
+        items.append(e)
+    status, body = await sidecar.post(BATCH, {"interactions": items})
+    assert status == 202
+    ids: list[int] = body["ids"]
+    return ids
+
+
+async def with_dead_letters(
+    start_sidecar: StartSidecar, fake: FakePrecogX, **overrides: Any
+) -> tuple[Sidecar, list[int], list[int]]:
+    """A sidecar whose spool holds two rejected dead letters and delivered the rest."""
+    fake.reject_agent_ids = {"bad"}
+    sidecar = await start_sidecar(upstream={"batch_max_events": 10, "linger_ms": 100}, **overrides)
+    ids = await send(sidecar, ["good", "bad", "good", "bad", "good"])
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.pending == 0)
+    return sidecar, [ids[1], ids[3]], [ids[0], ids[2], ids[4]]
+
+
+async def test_list_json_shows_reason_status_error_and_event(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, dead, _ = await with_dead_letters(start_sidecar, fake)
+    code, out, _ = await cli(sidecar, "dead-letters", "list", "--json")
+    assert code == 0
+    records = orjson.loads(out)
+    assert [r["id"] for r in records] == dead
+    first = records[0]
+    assert (first["reason"], first["status"], first["attempts"]) == ("rejected", 400, 1)
+    assert "INVALID_FIELD_TYPE" in first["error"]
+    assert first["event"]["agentId"] == "bad"
+    assert first["dead_at"].endswith("Z")
+
+
+async def test_list_filters_and_text_output(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, dead, _ = await with_dead_letters(start_sidecar, fake)
+    code, out, _ = await cli(sidecar, "dead-letters", "list", "--reason", "too_large", "--json")
+    assert (code, orjson.loads(out)) == (0, [])
+    code, out, _ = await cli(sidecar, "dead-letters", "list", "--since", "1h", "--json")
+    assert len(orjson.loads(out)) == 2
+    code, out, _ = await cli(sidecar, "dead-letters", "list", "--since", "2999-01-01", "--json")
+    assert orjson.loads(out) == []
+    code, out, err = await cli(sidecar, "dead-letters", "list")
+    assert code == 0
+    assert str(dead[0]) in out and "rejected" in out
+    assert "2 dead letters" in err
+
+
+async def test_show_one_and_unknown_id(start_sidecar: StartSidecar, fake: FakePrecogX) -> None:
+    sidecar, dead, delivered = await with_dead_letters(start_sidecar, fake)
+    code, out, _ = await cli(sidecar, "dead-letters", "show", str(dead[1]))
+    assert code == 0 and orjson.loads(out)["id"] == dead[1]
+    code, out, err = await cli(sidecar, "dead-letters", "show", str(delivered[0]))
+    assert code == 1 and out == ""
+    assert f"no dead letter with id {delivered[0]}" in err
+
+
+async def test_replay_sends_again_through_the_running_sidecar(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, dead, _ = await with_dead_letters(start_sidecar, fake)
+    fake.reject_agent_ids = set()
+    code, out, err = await cli(sidecar, "dead-letters", "replay", "--id", str(dead[0]))
+    assert code == 0, err
+    assert out.startswith("1 dead letters back to pending")
+    await fake.wait_for_received(4)
+    assert fake.received[-1]["agentId"] == "bad"
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.dead == 1 and spool.counts.pending == 0)
+    code, out, _ = await cli(sidecar, "dead-letters", "replay", "--reason", "rejected")
+    assert code == 0
+    await fake.wait_for_received(5)
+    await spool.wait_until(lambda: spool.counts.dead == 0 and spool.counts.pending == 0)
+
+
+async def test_replay_and_purge_need_a_selection(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
+    for action in ("replay", "purge"):
+        code, _, err = await cli(sidecar, "dead-letters", action)
+        assert code == 1
+        assert "--all" in err
+
+
+async def test_purge_asks_for_yes_then_deletes(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
+    code, _, err = await cli(sidecar, "dead-letters", "purge", "--all")
+    assert code == 1 and "would delete 2 dead letters" in err
+    code, out, err = await cli(sidecar, "dead-letters", "purge", "--all", "--yes")
+    assert code == 0 and out.startswith("2 dead letters purged")
+    assert "purged 2/2" in err
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.dead == 0)
+
+
+async def test_spool_stats_and_check(start_sidecar: StartSidecar, fake: FakePrecogX) -> None:
+    sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
+    code, out, _ = await cli(sidecar, "spool", "stats", "--json")
+    stats = orjson.loads(out)
+    assert code == 0
+    assert stats["events"] == {"pending": 0, "dead": 2}
+    assert stats["dead_by_reason"] == {"rejected": 2}
+    assert stats["bytes"] > 0
+    code, out, _ = await cli(sidecar, "spool", "stats")
+    assert "dead         2" in out
+    code, out, _ = await cli(sidecar, "spool", "check")
+    assert (code, out.strip()) == (0, "ok")
+
+
+async def test_spool_check_reports_broken_invariants(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, dead, _ = await with_dead_letters(start_sidecar, fake)
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        db.execute("UPDATE events SET dead_reason = NULL WHERE id = ?", (dead[0],))
+        db.execute("UPDATE events SET payload = '[1]', size = 3 WHERE id = ?", (dead[1],))
+    code, out, _ = await cli(sidecar, "spool", "check")
+    assert code == 1
+    assert f"dead letters without a reason or time: {dead[0]}" in out
+    assert f"payloads that are not JSON objects: {dead[1]}" in out
+
+
+async def test_dead_letter_cap_prunes_oldest_and_counts(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.reject_agent_ids = {"bad"}
+    sidecar = await start_sidecar(spool={"max_dead_events": 2}, upstream={"linger_ms": 0})
+    ids = []
+    spool = sidecar.server.spool
+    for _ in range(3):
+        ids += await send(sidecar, ["bad"])
+        await spool.wait_until(lambda: spool.counts.pending == 0 and not spool.inflight)
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        kept = [r[0] for r in db.execute("SELECT id FROM events WHERE state = 'dead'")]
+    assert kept == ids[1:]
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_dropped_total{reason="dead_letter_pruned"} 1.0' in metrics
+
+
+async def test_bad_time_and_missing_spool_are_clear_errors(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar = await start_sidecar()
+    code, _, err = await cli(sidecar, "dead-letters", "list", "--since", "yesterday")
+    assert code == 2 and "neither an ISO time" in err
+    await sidecar.stop()
+    os.remove(sidecar.config.spool.path)
+    code, _, err = await cli(sidecar, "spool", "stats")
+    assert code == 1 and "does not exist" in err and "Traceback" not in err
