@@ -110,7 +110,6 @@ class Launcher:
     """Starts sidecars on one config (one spool file) and kills every one left at the end."""
 
     def __init__(self, tmp_path: Path, fake: FakePrecogX) -> None:
-        # Info, not debug: at debug aiosqlite logs every statement with its parameters.
         sections = sidecar_sections(tmp_path, fake.url, log={"level": "info"})
         self.config_path = write_config(tmp_path, sections)
         self.spool_path = tmp_path / "spool.db"

@@ -148,7 +148,7 @@ async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -
     blocker = sqlite3.connect(tmp_path / "spool.db", timeout=0)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        await spool._wdb.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        await spool._writer_db.call(lambda db: db.execute("PRAGMA busy_timeout = 50"))
         with pytest.raises(SpoolUnavailable):
             await put(spool, 1)
         assert spool.write_error is not None

@@ -82,11 +82,13 @@ class IngestReceiver:
                 "missing or wrong ingest token: send it as x-api-key or Authorization: Bearer",
                 "unauthorized",
             )
-        if request.content_type not in JSON_TYPES:
+        # The raw header, not request.content_type: its full parse is measurable per request.
+        content_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if content_type not in JSON_TYPES:
             raise Rejection(
                 415, "UNSUPPORTED_MEDIA_TYPE",
                 f"Content-Type must be application/json (or text/plain holding JSON), "
-                f"got {request.content_type or 'none'}",
+                f"got {content_type or 'none'}",
                 "unsupported_media_type",
             )
         length = request.content_length

@@ -3,31 +3,35 @@
 Every write goes through one writer task and one connection. Writes that arrive
 while a transaction is committing wait and then share the next transaction
 (group commit): each caller still learns of its own commit, yet a thousand
-concurrent requests cost one fsync instead of a thousand. Reads (claims for
-the forwarder) use a second connection and never wait for the writer; WAL
-checkpoints run on a third, on a timer, so no request ever pays for one.
+concurrent requests cost one fsync instead of a thousand. The whole transaction is
+one function run in the connection's thread. Reads (claims for the forwarder) use
+a second connection and never wait for the writer; WAL checkpoints run there too,
+on a timer, so no request ever pays for one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from sidecar.config import SpoolConfig
+from sidecar.spool.connection import DbThread
 from sidecar.spool.schema import MIGRATIONS, SCHEMA_VERSION, SpoolVersionError, new_spool_id
 
 log = logging.getLogger("sidecar.spool")
 
-IDEMPOTENCY_PRUNE_EVERY_S = 60.0
+Db = sqlite3.Connection
+
+# A WAL longer than this (pages; 4 KiB each) is checkpointed to the end and rewound.
+WAL_REWIND_FRAMES = 1024
 
 
 class SpoolFull(Exception):
@@ -59,9 +63,10 @@ class _Append:
 
 @dataclass(slots=True)
 class _Op:
-    """Any other write, run inside the next group transaction."""
+    """Any other write: ``run`` inside the next group transaction (in the connection's
+    thread), then ``after_commit`` with its result back on the event loop."""
 
-    run: Callable[[aiosqlite.Connection], Awaitable[Any]]
+    run: Callable[[Db], Any]
     after_commit: Callable[[Any], None]
     future: asyncio.Future[Any]
 
@@ -75,6 +80,16 @@ class SpoolCounts:
     @property
     def events(self) -> int:
         return self.pending + self.dead
+
+
+@dataclass(slots=True)
+class _GroupResult:
+    """What one group transaction decided, handed back from the connection's thread."""
+
+    op_results: list[Any]
+    accepted: list[_Append]
+    answers: list[tuple[_Append, list[int] | BaseException]]
+    evicted: tuple[int, int]
 
 
 @dataclass
@@ -98,25 +113,36 @@ class Spool:
         self._closing = False
         self._claim_cursor = 0
         self._data_version = 0
-        self._wdb: aiosqlite.Connection | None = None
-        self._rdb: aiosqlite.Connection | None = None
+        self._finish_checkpoint = False
+        path = Path(self.config.path)
+        self._writer_db = DbThread(path, self.config.synchronous, "spool-writer")
+        self._reader_db = DbThread(path, self.config.synchronous, "spool-reader")
         self._writer_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
 
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
-        path = Path(self.config.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._wdb = await _connect(path, self.config.synchronous)
-        await _migrate(self._wdb)
-        # Checkpoints are run by checkpoint(), off the commit path.
-        await self._wdb.execute("PRAGMA wal_autocheckpoint = 0")
-        self._rdb = await _connect(path, self.config.synchronous)
-        self.spool_id = await self._meta("spool_id")
-        self._next_id = max(int(await self._meta("next_id")), await self._max_id() + 1)
-        self.counts = await self._count(self._wdb)
+        Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
+        await self._writer_db.start()
+        try:
+            await self._writer_db.call(self._load_state)
+            await self._reader_db.start()
+        except BaseException:
+            await self._writer_db.close()
+            raise
         self._writer_task = asyncio.create_task(self._writer(), name="spool-writer")
+
+    def _load_state(self, db: Db) -> None:
+        _migrate(db)
+        # Checkpoints are run by checkpoint(), off the commit path.
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        self.spool_id = meta["spool_id"]
+        max_id = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        self._next_id = max(int(meta["next_id"]), max_id + 1)
+        self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+        self.counts = _count(db)
 
     async def close(self) -> None:
         """Commit everything already handed in, then close. New appends are refused."""
@@ -124,12 +150,13 @@ class Spool:
         self._wake.set()
         if self._writer_task:
             await self._writer_task
-        for db in (self._rdb, self._wdb):
-            if db is not None:
-                with contextlib.suppress(aiosqlite.Error):
-                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                await db.close()
-        self._rdb = self._wdb = None
+        try:
+            await self._reader_db.call(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        except sqlite3.Error as e:
+            log.warning("final checkpoint failed (the WAL is replayed at the next start): %s", e)
+        finally:
+            await self._reader_db.close()
+            await self._writer_db.close()
 
     # -- receiving ---------------------------------------------------------------
 
@@ -172,11 +199,11 @@ class Spool:
 
     async def claim(self, max_events: int, max_bytes: int) -> list[StoredEvent]:
         """The oldest pending events nobody is sending, up to the batch limits."""
-        assert self._rdb is not None
         batch = await self._claim_after(self._claim_cursor, max_events, max_bytes)
         if not batch and self.unclaimed > 0 and self._claim_cursor:
-            # Events behind the cursor became pending again (a replay, a restart of a
+            # Events behind the cursor became pending again (a replay, a released
             # batch): look from the start, skipping what is in flight.
+            self._claim_cursor = 0
             batch = await self._claim_after(0, max_events, max_bytes)
         if batch:
             self._claim_cursor = max(self._claim_cursor, batch[-1].id)
@@ -186,16 +213,18 @@ class Spool:
         return batch
 
     async def _claim_after(self, cursor: int, max_events: int, max_bytes: int) -> list[StoredEvent]:
-        assert self._rdb is not None
-        rows = await self._rdb.execute_fetchall(
+        # Ahead of the cursor nothing is in flight; from the start, skip what is.
+        skip = frozenset(self.inflight) if cursor == 0 else frozenset()
+        sql = (
             "SELECT id, received_at, attempts, size, payload FROM events "
-            "WHERE state = 'pending' AND id > ? ORDER BY id LIMIT ?",
-            (cursor, max_events + len(self.inflight)),
+            "WHERE state = 'pending' AND id > ? ORDER BY id LIMIT ?"
         )
+        params = (cursor, max_events + len(skip))
+        rows = await self._reader_db.call(lambda db: db.execute(sql, params).fetchall())
         batch: list[StoredEvent] = []
         total = 0
         for row in rows:
-            if row[0] in self.inflight:
+            if row[0] in skip:
                 continue
             if batch and (len(batch) >= max_events or total + row[3] > max_bytes):
                 break
@@ -213,34 +242,28 @@ class Spool:
         """Delivered: remove for good."""
         ids = [(e.id,) for e in events]
 
-        async def run(db: aiosqlite.Connection) -> None:
-            await db.executemany("DELETE FROM events WHERE id = ?", ids)
-
         def after(_: Any) -> None:
             self.counts.pending -= len(events)
             self.counts.bytes -= sum(e.size for e in events)
             self.inflight.difference_update(e.id for e in events)
 
-        await self._submit(run, after)
+        await self._submit(lambda db: db.executemany("DELETE FROM events WHERE id = ?", ids), after)
 
     async def reschedule(
         self, events: Sequence[StoredEvent], next_attempt_at: float, status: int | None, error: str
     ) -> None:
         """A failed attempt: count it and record why, for `spool stats` and the dead letters."""
         rows = [(next_attempt_at, status, error[:500], e.id) for e in events]
-
-        async def run(db: aiosqlite.Connection) -> None:
-            await db.executemany(
-                "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, "
-                "last_status = ?, last_error = ? WHERE id = ?",
-                rows,
-            )
+        sql = (
+            "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, "
+            "last_status = ?, last_error = ? WHERE id = ?"
+        )
 
         def after(_: Any) -> None:
             for e in events:
                 e.attempts += 1
 
-        await self._submit(run, after)
+        await self._submit(lambda db: db.executemany(sql, rows), after)
 
     async def dead_letter(
         self, events: Sequence[StoredEvent], reason: str, status: int | None, error: str
@@ -248,14 +271,15 @@ class Spool:
         """Keep the events, with why they could not be delivered, for list and replay."""
         now = time.time()
         rows = [(reason, now, status, error[:500], e.id) for e in events]
+        dead_after = self.counts.dead + len(events)
 
-        async def run(db: aiosqlite.Connection) -> tuple[int, int]:
-            await db.executemany(
+        def run(db: Db) -> tuple[int, int]:
+            db.executemany(
                 "UPDATE events SET state = 'dead', dead_reason = ?, dead_at = ?, "
                 "last_status = ?, last_error = ?, attempts = attempts + 1 WHERE id = ?",
                 rows,
             )
-            return await self._prune_dead(db, self.counts.dead + len(events))
+            return self._prune_dead(db, dead_after)
 
         def after(pruned: tuple[int, int]) -> None:
             self.counts.pending -= len(events)
@@ -270,25 +294,21 @@ class Spool:
 
         await self._submit(run, after)
 
-    async def _prune_dead(self, db: aiosqlite.Connection, dead: int) -> tuple[int, int]:
+    def _prune_dead(self, db: Db, dead: int) -> tuple[int, int]:
         excess = dead - self.config.max_dead_events
         if excess <= 0:
             return 0, 0
-        rows = list(await db.execute_fetchall(
+        rows = db.execute(
             "SELECT id, size FROM events WHERE state = 'dead' ORDER BY dead_at, id LIMIT ?",
             (excess,),
-        ))
-        await db.executemany("DELETE FROM events WHERE id = ?", [(r[0],) for r in rows])
+        ).fetchall()
+        db.executemany("DELETE FROM events WHERE id = ?", [(r[0],) for r in rows])
         return len(rows), sum(r[1] for r in rows)
 
     async def oldest_pending_received_at(self) -> float | None:
-        assert self._rdb is not None
-        rows = list(
-            await self._rdb.execute_fetchall(
-                "SELECT received_at FROM events WHERE state = 'pending' ORDER BY id LIMIT 1"
-            )
-        )
-        return float(rows[0][0]) if rows else None
+        sql = "SELECT received_at FROM events WHERE state = 'pending' ORDER BY id LIMIT 1"
+        row = await self._reader_db.call(lambda db: db.execute(sql).fetchone())
+        return float(row[0]) if row else None
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait for a commit after which ``predicate()`` holds (for tests and shutdown)."""
@@ -298,29 +318,34 @@ class Spool:
     # -- maintenance -----------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Copy the WAL into the database file without blocking the writer."""
-        assert self._rdb is not None
-        await self._rdb.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Copy the WAL into the database file without blocking the writer.
+
+        Under steady load this never quite catches up (commits keep adding frames while
+        it copies), and SQLite only rewinds a WAL that is fully copied, so the file
+        would grow forever and every commit would pay for growing it. Once it is long,
+        the writer finishes the job between two groups: by then only the last few
+        frames are left to copy.
+        """
+        sql = "PRAGMA wal_checkpoint(PASSIVE)"
+        _, frames, _ = await self._reader_db.call(lambda db: db.execute(sql).fetchone())
+        if frames >= WAL_REWIND_FRAMES:
+            self._finish_checkpoint = True
 
     async def prune_idempotency_keys(self) -> None:
-        cutoff = time.time() - self.idempotency_ttl_s
-
-        async def run(db: aiosqlite.Connection) -> None:
-            await db.execute("DELETE FROM idempotency WHERE created_at < ?", (cutoff,))
-
-        await self._submit(run, lambda _: None)
+        cutoff = (time.time() - self.idempotency_ttl_s,)
+        sql = "DELETE FROM idempotency WHERE created_at < ?"
+        await self._submit(lambda db: db.execute(sql, cutoff), lambda _: None)
 
     async def sync_external_changes(self) -> None:
         """Recount when another process (the CLI's replay or purge) changed the file."""
 
-        async def run(db: aiosqlite.Connection) -> SpoolCounts | None:
-            rows = list(await db.execute_fetchall("PRAGMA data_version"))
-            version = int(rows[0][0])
+        def run(db: Db) -> SpoolCounts | None:
+            version = db.execute("PRAGMA data_version").fetchone()[0]
             changed = version != self._data_version
             self._data_version = version
-            return await self._count(db) if changed else None
+            return _count(db) if changed else None
 
-        def after(counts: Any) -> None:
+        def after(counts: SpoolCounts | None) -> None:
             if counts is not None:
                 self.counts = counts
                 self._claim_cursor = 0
@@ -330,9 +355,7 @@ class Spool:
 
     # -- the writer --------------------------------------------------------------
 
-    async def _submit(
-        self, run: Callable[[aiosqlite.Connection], Awaitable[Any]], after: Callable[[Any], None]
-    ) -> Any:
+    async def _submit(self, run: Callable[[Db], Any], after: Callable[[Any], None]) -> Any:
         if self._writer_task is None or self._writer_task.done():
             raise SpoolUnavailable("spool is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -352,61 +375,68 @@ class Spool:
                 return
 
     def _take_appends(self) -> list[_Append]:
-        taken = 0
-        n = 0
-        for n, a in enumerate(self._appends, 1):  # noqa: B007
+        taken = n = 0
+        for a in self._appends:
+            n += 1
             taken += len(a.ids)
             if taken >= self.config.commit_max_events:
                 break
-        else:
-            n = len(self._appends)
         group, self._appends = self._appends[:n], self._appends[n:]
         return group
 
     async def _commit(self, appends: list[_Append], ops: list[_Op]) -> None:
-        db = self._wdb
-        assert db is not None
+        # Snapshots, so the connection's thread never reads state the loop is changing.
+        counts = (self.counts.events, self.counts.bytes)
+        inflight = frozenset(self.inflight) if self.config.when_full == "drop_oldest" else None
+        checkpoint, self._finish_checkpoint = self._finish_checkpoint, False
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            # Ops first: a recount among them then sees the file before this group's inserts.
-            results = [await op.run(db) for op in ops]
-            accepted, answers, evicted = await self._admit(db, appends)
-            await self._insert(db, accepted)
-            await db.execute("COMMIT")
-        except (aiosqlite.Error, OSError) as e:
-            with contextlib.suppress(aiosqlite.Error):
-                await db.execute("ROLLBACK")
+            result = await self._writer_db.call(
+                lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint)
+            )
+        except (sqlite3.Error, OSError) as e:
             self._fail(appends, ops, e)
             return
         self.write_error = None
-        for op, result in zip(ops, results, strict=True):
-            op.after_commit(result)
+        for op, op_result in zip(ops, result.op_results, strict=True):
+            op.after_commit(op_result)
             if not op.future.done():
-                op.future.set_result(result)
-        self._count_evicted(*evicted)
-        for a in accepted:
+                op.future.set_result(op_result)
+        self._count_evicted(*result.evicted)
+        for a in result.accepted:
             self.counts.pending += len(a.ids)
             self.counts.bytes += a.size
-        # Wake everyone waiting for "the next commit", then start a fresh round.
-        self._committed.set()
-        self._committed = asyncio.Event()
-        for a, answer in answers:
+        for a, answer in result.answers:
             if a.future.done():
                 continue
             if isinstance(answer, BaseException):
                 a.future.set_exception(answer)
             else:
                 a.future.set_result(answer)
-        if accepted:
+        if result.accepted:
             self._signal_data()
+        # Wake everyone waiting for "the next commit", then start a fresh round.
+        self._committed.set()
+        self._committed = asyncio.Event()
 
-    def _count_evicted(self, events: int, size: int) -> None:
-        if not events:
-            return
-        self.counts.pending -= events
-        self.counts.bytes -= size
-        self.dropped("spool_full", events)
-        log.warning("spool full: dropped the %d oldest pending events (drop_oldest)", events)
+    def _transaction(
+        self, db: Db, appends: list[_Append], ops: list[_Op],
+        counts: tuple[int, int], inflight: frozenset[int] | None, checkpoint: bool,
+    ) -> _GroupResult:
+        """One group commit, run in the writer connection's thread."""
+        if checkpoint:  # see checkpoint(): no other writer now, so it completes
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Ops first: a recount among them then sees the file before this group's inserts.
+            op_results = [op.run(db) for op in ops]
+            accepted, answers, evicted = self._admit(db, appends, counts, inflight)
+            self._insert(db, accepted)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return _GroupResult(op_results, accepted, answers, evicted)
 
     def _fail(self, appends: list[_Append], ops: list[_Op], error: BaseException) -> None:
         self.write_error = f"{type(error).__name__}: {error}"
@@ -417,17 +447,18 @@ class Spool:
             if not future.done():
                 future.set_exception(SpoolUnavailable(self.write_error))
 
-    async def _admit(
-        self, db: aiosqlite.Connection, appends: list[_Append]
+    def _admit(
+        self, db: Db, appends: list[_Append], counts: tuple[int, int],
+        inflight: frozenset[int] | None,
     ) -> tuple[list[_Append], list[tuple[_Append, list[int] | BaseException]], tuple[int, int]]:
         """Decide each append's fate inside the transaction: store, answer as a repeat, refuse.
 
         Returns the appends to insert, every append's answer, and what drop_oldest evicted.
         """
-        earlier = await self._known_keys(db, [a.idempotency_key for a in appends])
+        earlier = self._known_keys(db, [a.idempotency_key for a in appends])
         accepted: list[_Append] = []
         answers: list[tuple[_Append, list[int] | BaseException]] = []
-        events, size = self.counts.events, self.counts.bytes
+        events, size = counts
         evicted_events = evicted_bytes = 0
         for a in appends:
             key = a.idempotency_key
@@ -437,7 +468,7 @@ class Spool:
             over = events + len(a.ids) - self.config.max_events
             over_bytes = size + a.size - self.config.max_bytes
             if over > 0 or over_bytes > 0:
-                freed = await self._make_room(db, over, over_bytes)
+                freed = None if inflight is None else _evict_oldest(db, over, over_bytes, inflight)
                 if freed is None:
                     answers.append((a, SpoolFull("spool is full")))
                     continue
@@ -453,67 +484,45 @@ class Spool:
                 earlier[key] = a.ids
         return accepted, answers, (evicted_events, evicted_bytes)
 
-    async def _known_keys(
-        self, db: aiosqlite.Connection, keys: list[str | None]
-    ) -> dict[str, list[int]]:
+    def _known_keys(self, db: Db, keys: list[str | None]) -> dict[str, list[int]]:
         wanted = [k for k in keys if k is not None]
         if not wanted:
             return {}
         marks = ",".join("?" * len(wanted))
-        rows = await db.execute_fetchall(
+        rows = db.execute(
             f"SELECT key, ids FROM idempotency WHERE key IN ({marks}) AND created_at >= ?",
             (*wanted, time.time() - self.idempotency_ttl_s),
         )
-        return {row[0]: orjson.loads(row[1]) for row in rows}
+        return {key: orjson.loads(ids) for key, ids in rows}
 
-    async def _make_room(
-        self, db: aiosqlite.Connection, events: int, size: int
-    ) -> tuple[int, int] | None:
-        """Evict the oldest pending events (drop_oldest), or None when not allowed or not enough."""
-        if self.config.when_full != "drop_oldest":
-            return None
-        rows = await db.execute_fetchall(
-            "SELECT id, size FROM events WHERE state = 'pending' ORDER BY id LIMIT ?",
-            (max(events, 0) + len(self.inflight) + 1000,),
-        )
-        victims: list[tuple[int, int]] = []
-        freed_events = freed_bytes = 0
-        for event_id, event_size in rows:
-            if freed_events >= events and freed_bytes >= size:
-                break
-            if event_id in self.inflight:
-                continue
-            victims.append((event_id, event_size))
-            freed_events += 1
-            freed_bytes += event_size
-        if freed_events < events or freed_bytes < size:
-            return None
-        await db.executemany("DELETE FROM events WHERE id = ?", [(v[0],) for v in victims])
-        return freed_events, freed_bytes
-
-    async def _insert(self, db: aiosqlite.Connection, accepted: list[_Append]) -> None:
+    def _insert(self, db: Db, accepted: list[_Append]) -> None:
         if not accepted:
             return
-        await db.executemany(
-            "INSERT INTO events (id, received_at, size, payload) VALUES (?, ?, ?, ?)",
-            [
-                (event_id, a.received_at, len(payload), payload)
-                for a in accepted
-                for event_id, payload in zip(a.ids, a.payloads, strict=True)
-            ],
-        )
+        rows = [
+            (event_id, a.received_at, len(payload), payload)
+            for a in accepted
+            for event_id, payload in zip(a.ids, a.payloads, strict=True)
+        ]
+        _insert_events(db, rows)
         keyed = [
             (a.idempotency_key, a.received_at, orjson.dumps(a.ids).decode())
             for a in accepted
             if a.idempotency_key is not None
         ]
         if keyed:
-            await db.executemany(
+            db.executemany(
                 "INSERT OR REPLACE INTO idempotency (key, created_at, ids) VALUES (?, ?, ?)", keyed
             )
-        await db.execute(
-            "UPDATE meta SET value = ? WHERE key = 'next_id'", (str(self._next_id),)
-        )
+        highest = max(a.ids[-1] for a in accepted) + 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (str(highest),))
+
+    def _count_evicted(self, events: int, size: int) -> None:
+        if not events:
+            return
+        self.counts.pending -= events
+        self.counts.bytes -= size
+        self.dropped("spool_full", events)
+        log.warning("spool full: dropped the %d oldest pending events (drop_oldest)", events)
 
     def _signal_data(self) -> None:
         if self.unclaimed > 0:
@@ -521,54 +530,76 @@ class Spool:
                 self.unclaimed_since = time.monotonic()
             self.data_ready.set()
 
-    # -- helpers -----------------------------------------------------------------
 
-    async def _meta(self, key: str) -> str:
-        assert self._wdb is not None
-        sql = "SELECT value FROM meta WHERE key = ?"
-        rows = list(await self._wdb.execute_fetchall(sql, (key,)))
-        return str(rows[0][0])
-
-    async def _max_id(self) -> int:
-        assert self._wdb is not None
-        rows = list(await self._wdb.execute_fetchall("SELECT coalesce(max(id), 0) FROM events"))
-        return int(rows[0][0])
-
-    async def _count(self, db: aiosqlite.Connection) -> SpoolCounts:
-        counts = SpoolCounts()
-        rows = await db.execute_fetchall(
-            "SELECT state, count(*), coalesce(sum(size), 0) FROM events GROUP BY state"
-        )
-        for state, n, size in rows:
-            if state == "dead":
-                counts.dead = n
-            else:
-                counts.pending += n
-            counts.bytes += size
-        return counts
+# Rows per multi-row INSERT, largest first. executemany() would release and retake
+# the GIL once per row, and on a busy loop each retake can wait a whole switch
+# interval; one statement per chunk keeps the SQLite work in a single GIL-free step.
+INSERT_CHUNKS = (256, 32, 4, 1)
+_INSERT_SQL = {
+    n: "INSERT INTO events (id, received_at, size, payload) VALUES "
+    + ",".join(["(?, ?, ?, ?)"] * n)
+    for n in INSERT_CHUNKS
+}
 
 
-async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA journal_mode = WAL")
-    await db.execute(f"PRAGMA synchronous = {synchronous}")
-    # Another process (the CLI) may hold the write lock briefly; wait rather than fail.
-    await db.execute("PRAGMA busy_timeout = 5000")
-    return db
+def _insert_events(db: Db, rows: list[tuple[int, float, int, bytes]]) -> None:
+    start = 0
+    for chunk in INSERT_CHUNKS:
+        while len(rows) - start >= chunk:
+            params = [value for row in rows[start:start + chunk] for value in row]
+            db.execute(_INSERT_SQL[chunk], params)
+            start += chunk
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    rows = list(await db.execute_fetchall("PRAGMA user_version"))
-    version = int(rows[0][0])
+def _evict_oldest(
+    db: Db, events: int, size: int, inflight: frozenset[int]
+) -> tuple[int, int] | None:
+    """drop_oldest: delete the oldest pending events not in flight; None if not enough."""
+    rows = db.execute(
+        "SELECT id, size FROM events WHERE state = 'pending' ORDER BY id LIMIT ?",
+        (max(events, 0) + len(inflight) + 1000,),
+    ).fetchall()
+    victims: list[int] = []
+    freed_events = freed_bytes = 0
+    for event_id, event_size in rows:
+        if freed_events >= events and freed_bytes >= size:
+            break
+        if event_id in inflight:
+            continue
+        victims.append(event_id)
+        freed_events += 1
+        freed_bytes += event_size
+    if freed_events < events or freed_bytes < size:
+        return None
+    db.executemany("DELETE FROM events WHERE id = ?", [(v,) for v in victims])
+    return freed_events, freed_bytes
+
+
+def _count(db: Db) -> SpoolCounts:
+    counts = SpoolCounts()
+    for state, n, size in db.execute(
+        "SELECT state, count(*), coalesce(sum(size), 0) FROM events GROUP BY state"
+    ):
+        if state == "dead":
+            counts.dead = n
+        else:
+            counts.pending += n
+        counts.bytes += size
+    return counts
+
+
+def _migrate(db: Db) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise SpoolVersionError(
             f"spool schema version {version} is newer than this sidecar's ({SCHEMA_VERSION}): "
             "upgrade the sidecar, or point spool.path at a new file"
         )
     for target in range(version + 1, SCHEMA_VERSION + 1):
-        await db.executescript(
-            "BEGIN IMMEDIATE;" + MIGRATIONS[target - 1] + f"; PRAGMA user_version = {target};"
-            + (_seed_meta() if target == 1 else "") + "COMMIT;"
+        seed = _seed_meta() if target == 1 else ""
+        db.executescript(
+            f"BEGIN IMMEDIATE; {MIGRATIONS[target - 1]}; {seed} "
+            f"PRAGMA user_version = {target}; COMMIT;"
         )
         log.info("spool schema migrated to version %d", target)
 
