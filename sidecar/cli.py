@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _command(sub, "run", _run, "Run the sidecar until SIGTERM or SIGINT.")
+    _command(
+        sub, "healthcheck", _healthcheck,
+        "Exit 0 if the sidecar on the configured port answers /healthz (for Docker).",
+    )
     _command(
         sub, "check-config", _check_config,
         "Print the effective configuration (secrets masked); exit 1 on an error.",
@@ -148,6 +153,24 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    host = cfg.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{cfg.server.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            ok = response.status == 200
+    except OSError as e:
+        return _fail(f"{url}: {e}")
+    print("ok" if ok else "unhealthy")
+    return 0 if ok else 1
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ class Respond:
     status: int
     body: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
+    after: float = 0.0  # seconds to wait before answering: a slow, failing upstream
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RecordedRequest:
     body: bytes
     status: int | None  # None while still being handled, or when dropped
     at: float  # time.monotonic() when received
+    answered_at: float | None = None  # time.time() when the answer was decided
 
 
 class _Reject(Exception):
@@ -161,6 +163,8 @@ class FakePrecogX:
         self.received: list[dict[str, Any]] = []
         self.requests: list[RecordedRequest] = []
         self.default: Action | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0  # tests reset it to watch a period of their choosing
         self.url = ""
         self._script: deque[Action] = deque()
         # Replaced on every change, so waiters wake without polling and without a lock.
@@ -225,6 +229,14 @@ class FakePrecogX:
         self._changed = asyncio.Event()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         at = time.monotonic()
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -241,11 +253,13 @@ class FakePrecogX:
             # aiohttp swallows the ConnectionError from writing this to a closed socket.
             return web.Response(status=500)
         if isinstance(action, Respond):
+            await asyncio.sleep(action.after)
             status, payload, extra = action.status, action.body, action.headers
             payload = _default_body(status) if payload is None else payload
         else:
             status, payload, extra = *self._process(request, body), None
         rec.status = status
+        rec.answered_at = time.time()
         self._notify()
         raw = orjson.dumps(payload)
 

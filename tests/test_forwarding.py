@@ -250,3 +250,106 @@ async def test_backlog_is_kept_across_restart(
     await fake.wait_for_received(12)
     await drained(second)
     assert sorted(received_ids(fake)) == ids
+
+
+async def test_retry_after_sets_the_next_attempt(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(Respond(429, headers={"Retry-After": "2"}))
+    sidecar = await start_sidecar(retry={"initial_backoff_s": 0.01, "max_backoff_s": 5.0})
+    ids = await post_events(sidecar, 2)
+    spool = sidecar.server.spool
+    db = sqlite3.connect(sidecar.config.spool.path)
+    scheduled: list[float] = []
+
+    def rescheduled() -> bool:
+        rows = db.execute("SELECT next_attempt_at FROM events WHERE attempts = 1").fetchall()
+        scheduled.extend(r[0] for r in rows)
+        return bool(rows)
+
+    await spool.wait_until(rescheduled)
+    db.close()
+    answered = fake.requests[0].answered_at
+    assert fake.requests[0].status == 429 and answered is not None
+    # The computed delay, not a measured one: backoff alone would be 0.01 s.
+    assert min(scheduled) - answered >= 2.0
+    await fake.wait_for_received(2)
+    assert [r.status for r in fake.requests] == [429, 200]
+    assert sorted(received_ids(fake)) == ids
+
+
+async def test_retries_carry_the_same_idempotency_key(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(Respond(503), Respond(502), Drop())
+    sidecar = await start_sidecar(upstream={"batch_max_events": 10})
+    await post_events(sidecar, 5)
+    await fake.wait_for_received(5)
+    keys = {r.headers["idempotency-key"] for r in fake.requests}
+    assert len(fake.requests) == 4 and len(keys) == 1
+    assert keys.pop().startswith(sidecar.server.spool.spool_id + "-")
+
+
+async def test_flapping_upstream_delivers_everything_once_acknowledged(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.script(*[Respond(503) if i % 2 == 0 else Delay(0) for i in range(40)])
+    sidecar = await start_sidecar(upstream={"batch_max_events": 5, "concurrency": 3})
+    ids = []
+    for _ in range(8):
+        ids += await post_events(sidecar, 5)
+    await drained(sidecar)
+    assert set(received_ids(fake)) == set(ids)
+    assert dead_letters(sidecar) == []
+    assert 503 in [r.status for r in fake.requests]
+
+
+async def test_circuit_lets_one_probe_through_during_an_outage(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.default = Respond(503, after=0.02)  # slow enough for requests to overlap
+    sidecar = await start_sidecar(
+        upstream={"batch_max_events": 2, "concurrency": 4},
+        retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.01},
+    )
+    client = sidecar.server.client
+    send = client.send
+    in_flight = [0, 0]  # now, most since the circuit opened for everyone
+
+    async def counting_send(*args: Any) -> Any:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            return await send(*args)
+        finally:
+            in_flight[0] -= 1
+
+    client.send = counting_send  # type: ignore[method-assign,assignment]
+    await post_events(sidecar, 8)  # four batches for four slots
+    circuit = sidecar.server.forwarder.circuit
+    spool = sidecar.server.spool
+    # Once every batch has failed once, the one circuit holds all four.
+    await spool.wait_until(lambda: circuit.failures >= 4)
+    in_flight[1] = in_flight[0]
+    seen = len(fake.requests)
+    await fake.wait_for_requests(seen + 8)
+    assert in_flight[1] <= 1
+    fake.default = None
+    await fake.wait_for_received(8)
+
+
+async def test_rate_limit_drains_a_backlog_in_full_batches(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    first = await start_sidecar(upstream={"api_key_file": ""})
+    ids = await post_events(first, 50)
+    await first.stop()
+    sidecar = await start_sidecar(
+        upstream={"batch_max_events": 10, "requests_per_minute": 1200.0, "burst": 1}
+    )
+    await fake.wait_for_received(50)
+    await drained(sidecar)
+    assert sorted(received_ids(fake)) == ids
+    sizes = [len(orjson.loads(r.body)["interactions"]) for r in fake.requests]
+    assert sizes == [10] * 5
+    assert await metric(sidecar, "precogx_sidecar_rate_limited_seconds_total") > 0

@@ -1,0 +1,34 @@
+# precogx-sidecar: build with `docker build -t precogx-sidecar .`
+# The spool lives on the volume; mount a config file and point PRECOGX_SIDECAR_CONFIG
+# at it, or configure everything with PRECOGX_SIDECAR_<SECTION>_<KEY> variables.
+
+FROM python:3.12-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+# Wheels for the sidecar and its dependencies (uvloop included), built once here so
+# the final image needs no compiler and no network.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[speed]'
+
+FROM python:3.12-slim
+RUN useradd --system --uid 10001 --user-group --create-home \
+        --home-dir /var/lib/precogx-sidecar precogx
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels precogx-sidecar[speed] \
+    && rm -rf /wheels
+# Inside a container the sidecar must be reachable from Dify's containers, so it
+# listens on all addresses: it then refuses to start without an ingest token
+# (PRECOGX_SIDECAR_INGEST_TOKEN), by design.
+ENV PRECOGX_SIDECAR_SERVER_HOST=0.0.0.0 \
+    PRECOGX_SIDECAR_SPOOL_PATH=/var/lib/precogx-sidecar/spool.db \
+    PRECOGX_SIDECAR_LOG_FORMAT=json \
+    PYTHONUNBUFFERED=1
+USER precogx
+WORKDIR /var/lib/precogx-sidecar
+VOLUME ["/var/lib/precogx-sidecar"]
+EXPOSE 8787
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["precogx-sidecar", "healthcheck"]
+# Exec form: SIGTERM reaches the sidecar itself, which then shuts down in stages.
+ENTRYPOINT ["precogx-sidecar"]
+CMD ["run"]
