@@ -204,20 +204,19 @@ class Child:
 
 def start_noop(cpu: int | None) -> tuple[Child, int]:
     cmd = [sys.executable, str(BENCH / "noop_server.py"), "--port", "0"]
-    child = Child("noop", pinned(cmd, cpu))
-    try:
-        m = child.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", "stdout", 20)
-    except BaseException:
-        child.stop()
-        raise
-    return child, int(m.group(1))
+    return _start_server("noop", pinned(cmd, cpu), "stdout", 20)
 
 
 def start_sidecar(config: Path, cpu: int | None) -> tuple[Child, int]:
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(config)]
-    child = Child("sidecar", pinned(cmd, cpu))
+    return _start_server("sidecar", pinned(cmd, cpu), "stderr", 60)
+
+
+def _start_server(name: str, cmd: list[str], stream: str, timeout: float) -> tuple[Child, int]:
+    """Start a server and wait for its ``listening on`` line; returns it and its port."""
+    child = Child(name, cmd)
     try:
-        m = child.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", "stderr", 60)
+        m = child.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", stream, timeout)
     except BaseException:
         child.stop()
         raise
