@@ -57,6 +57,15 @@ class Metrics:
             p + "spool_events", "Events in the spool, by state.", ["state"], registry=r
         )
         self.spool_bytes = Gauge(p + "spool_bytes", "Payload bytes in the spool.", registry=r)
+        # Exported so an alert can say "90 % full" without knowing the configuration.
+        self.spool_capacity_events = Gauge(
+            p + "spool_capacity_events", "spool.max_events: events the spool may hold.",
+            registry=r,
+        )
+        self.spool_capacity_bytes = Gauge(
+            p + "spool_capacity_bytes", "spool.max_bytes: payload bytes the spool may hold.",
+            registry=r,
+        )
         self.oldest_pending_age = Gauge(
             p + "oldest_pending_age_seconds", "Age of the oldest undelivered event.", registry=r
         )

@@ -118,6 +118,8 @@ class Server:
         m.spool_events.labels("inflight").set_function(lambda: len(spool.inflight))
         m.spool_events.labels("dead").set_function(lambda: spool.counts.dead)
         m.spool_bytes.set_function(lambda: spool.counts.bytes)
+        m.spool_capacity_events.set(self.config.spool.max_events)
+        m.spool_capacity_bytes.set(self.config.spool.max_bytes)
 
     async def _listen(self) -> None:
         app = build_app(self.receiver, self.spool, self.forwarder, self.metrics)
