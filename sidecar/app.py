@@ -6,7 +6,8 @@ from aiohttp import web
 
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.metrics import Metrics
-from sidecar.receivers.precogx import IngestReceiver, json_response
+from sidecar.receivers.common import json_response
+from sidecar.receivers.precogx import IngestReceiver
 from sidecar.spool import Spool
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"

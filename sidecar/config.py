@@ -94,6 +94,14 @@ class RetryConfig:
 
 
 @dataclass
+class DifyConfig:
+    extension_token: str = _opt("", secret=True, doc="API-based Extension key (empty: off)")
+    pair_idle_s: float = _opt(5.0, gt=0, doc="output idle time before a pair is recorded")
+    input_wait_s: float = _opt(120.0, gt=0, doc="how long an input waits for its output")
+    max_open: int = _opt(10_000, ge=1, doc="unfinished conversations held in memory")
+
+
+@dataclass
 class LogConfig:
     level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="log level")
     format: str = _opt("text", choices=("text", "json"), doc="log line format")
@@ -105,6 +113,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    dify: DifyConfig = field(default_factory=DifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="defaults", compare=False)
 

@@ -21,6 +21,7 @@ from sidecar.forwarder.client import UpstreamClient
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.logs import register_secret
 from sidecar.metrics import Metrics
+from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
 from sidecar.spool import Spool, SpoolUnavailable, SpoolVersionError
 
@@ -43,6 +44,7 @@ class Server:
         self.client = UpstreamClient(config.upstream)
         self.forwarder = Forwarder(config, self.spool, self.metrics, self.client)
         self.receiver = IngestReceiver(config.server, self.spool, self.metrics)
+        self.dify = DifyExtension(config.dify, self.spool, self.metrics)
         self.port: int | None = None
         self.should_exit = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -59,6 +61,7 @@ class Server:
         if warning := check_listen_auth(self.config):
             log.warning(warning)
         register_secret(self.config.server.ingest_token)
+        register_secret(self.config.dify.extension_token)
         api_key = read_api_key(self.config)
         register_secret(api_key)
         await self._open_spool()
@@ -66,6 +69,7 @@ class Server:
         await self.client.start()
         self.forwarder.set_api_key(api_key)
         self.forwarder.start()
+        self.dify.start()
         await self._listen()
         self._install_signal_handlers()
         self._maintenance = asyncio.create_task(self._maintain(), name="maintenance")
@@ -86,6 +90,8 @@ class Server:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
+        #    Conversations the Dify extension still holds go to the spool as they stand.
+        await self.dify.stop()
         # 2. Let in-flight upstream requests finish within the grace period; what is
         #    not delivered by then stays in the spool for the next start.
         await self.forwarder.stop(self.config.server.shutdown_grace_s)
@@ -123,6 +129,7 @@ class Server:
 
     async def _listen(self) -> None:
         app = build_app(self.receiver, self.spool, self.forwarder, self.metrics)
+        app.add_routes(self.dify.routes())
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(

@@ -7,7 +7,6 @@ to the spool; every refusal carries PrecogX's error body and stores nothing.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -15,6 +14,7 @@ from aiohttp import web
 
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
+from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
 
@@ -27,12 +27,6 @@ SINGLE_PATHS = {
     "/api/v1/telemetry/ingest": "ingest",
 }
 BATCH_PATH = "/api/v1/telemetry/batch"
-
-
-def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
-    )
 
 
 class IngestReceiver:
@@ -76,7 +70,7 @@ class IngestReceiver:
                 503, "SHUTTING_DOWN", "the sidecar is shutting down; retry shortly",
                 "shutting_down", headers={"Retry-After": RETRY_AFTER_S},
             )
-        if self._token and not self._authorized(request):
+        if self._token and not token_matches(request, self._token):
             raise Rejection(
                 401, "INVALID_API_KEY",
                 "missing or wrong ingest token: send it as x-api-key or Authorization: Bearer",
@@ -95,15 +89,6 @@ class IngestReceiver:
         if length is not None and length > self.config.max_body_bytes:
             raise _too_large(length, self.config.max_body_bytes)
 
-    def _authorized(self, request: web.Request) -> bool:
-        sent = request.headers.get("x-api-key")
-        if sent is None:
-            scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            sent = credentials.strip()
-        return hmac.compare_digest(sent.encode(), self._token)
-
     async def _read_json(self, request: web.Request) -> Any:
         try:
             body = await request.read()
@@ -119,11 +104,9 @@ class IngestReceiver:
     async def _store(
         self, items: list[dict[str, Any]], key: str | None
     ) -> tuple[list[int], bool]:
-        ids = self.spool.allocate_ids(len(items))
-        ref = self.spool.event_ref
-        payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]
+        ids, committed = spool_interactions(self.spool, items, key)
         try:
-            stored = await self.spool.append(ids, payloads, key)
+            stored = await committed
         except SpoolFull:
             raise Rejection(
                 503, "SPOOL_FULL",
@@ -138,15 +121,6 @@ class IngestReceiver:
                 "spool_error", headers={"Retry-After": RETRY_AFTER_S},
             ) from None
         return stored, stored != ids
-
-
-def _stamp(item: dict[str, Any], ref: str) -> bytes:
-    """Name the event inside its own metadata, so an upstream can drop redeliveries."""
-    metadata = item.get("metadata")
-    if metadata is None:
-        item["metadata"] = metadata = {}
-    metadata["sidecar_event_id"] = ref
-    return orjson.dumps(item)
 
 
 def _idempotency_key(request: web.Request) -> str | None:

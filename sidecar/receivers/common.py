@@ -1,0 +1,48 @@
+"""What every receiver shares: JSON answers and the constant-time token check."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.spool import Spool
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True) -> bool:
+    """The token from ``Authorization: Bearer`` (or ``x-api-key``), compared in constant time."""
+    sent = request.headers.get("x-api-key") if x_api_key else None
+    if sent is None:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        sent = credentials.strip()
+    return hmac.compare_digest(sent.encode(), token)
+
+
+def spool_interactions(
+    spool: Spool, items: list[dict[str, Any]], idempotency_key: str | None = None
+) -> tuple[list[int], asyncio.Future[list[int]]]:
+    """Hand validated interactions to the spool: their ids, and the future of their commit."""
+    ids = spool.allocate_ids(len(items))
+    ref = spool.event_ref
+    payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]
+    return ids, spool.append(ids, payloads, idempotency_key)
+
+
+def _stamp(item: dict[str, Any], ref: str) -> bytes:
+    """Name the event inside its own metadata, so an upstream can drop redeliveries."""
+    metadata = item.get("metadata")
+    if metadata is None:
+        item["metadata"] = metadata = {}
+    metadata["sidecar_event_id"] = ref
+    return orjson.dumps(item)

@@ -1,0 +1,239 @@
+"""Stage 1: Dify's API-based Extension (Settings -> API Extension), spoken by the sidecar.
+
+Dify calls it for input moderation before the model runs and for output moderation
+while the answer streams. Input moderation fails the user's chat when this endpoint
+fails or is slow, so it answers at once and never waits for the spool or PrecogX.
+
+Pairing. Dify sends no conversation or message id: an input is {app_id, inputs,
+query}; an output is {app_id, text}, re-sent with the whole answer so far every 300
+characters and once at the end. So:
+- each output either extends an open stream of the same app (its text starts with
+  that stream's text) or opens a new stream, which takes the app's oldest input
+  still waiting for an answer;
+- a stream with no new text for ``dify.pair_idle_s`` is finished: its longest text
+  is recorded with its input as one interaction;
+- an input with no output for ``dify.input_wait_s`` is recorded with an empty response
+  (output moderation may be off for that app).
+Under concurrent chats of one app the input-to-output pairing follows arrival order
+and can cross two chats; the texts themselves are never mixed. Pairs are held in
+memory until recorded, so a crash loses at most those open conversations: the
+workflow HTTP node path is the one that is durable before it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.config import DifyConfig
+from sidecar.metrics import Metrics
+from sidecar.receivers.common import json_response, spool_interactions, token_matches
+from sidecar.spool import Spool
+
+log = logging.getLogger("sidecar.dify")
+
+PATH = "/dify/extension"
+SWEEP_EVERY_S = 1.0
+NOT_FLAGGED = {"flagged": False, "action": "direct_output", "preset_response": ""}
+
+
+class BadCall(Exception):
+    pass
+
+
+@dataclass
+class Conversation:
+    app_id: str
+    query: str
+    inputs: dict[str, Any]
+    received_at: float = field(default_factory=time.time)
+    text: str | None = None
+    touched: float = field(default_factory=time.monotonic)
+
+    def interaction(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"platform": "dify", "source": "api_extension"}
+        if self.query and self.inputs:
+            metadata["inputs"] = self.inputs
+        return {
+            "agentId": f"dify-{self.app_id}",
+            "prompt": self.query if self.query or not self.inputs else self.inputs,
+            "response": self.text or "",
+            "appId": self.app_id,
+            "metadata": metadata,
+        }
+
+
+class Pairing:
+    """Inputs waiting for an answer and answers still streaming, per app."""
+
+    def __init__(self, config: DifyConfig) -> None:
+        self.config = config
+        self.waiting: dict[str, deque[Conversation]] = {}
+        self.streaming: dict[str, list[Conversation]] = {}
+
+    @property
+    def open(self) -> int:
+        return sum(map(len, self.waiting.values())) + sum(map(len, self.streaming.values()))
+
+    def add_input(self, app_id: str, query: str, inputs: dict[str, Any]) -> None:
+        self.waiting.setdefault(app_id, deque()).append(Conversation(app_id, query, inputs))
+
+    def add_output(self, app_id: str, text: str) -> None:
+        streams = self.streaming.setdefault(app_id, [])
+        for stream in streams:
+            assert stream.text is not None
+            if text.startswith(stream.text) or stream.text.startswith(text):
+                if len(text) > len(stream.text):
+                    stream.text = text
+                stream.touched = time.monotonic()
+                return
+        waiting = self.waiting.get(app_id)
+        stream = waiting.popleft() if waiting else Conversation(app_id, "", {})
+        stream.text = text
+        stream.touched = time.monotonic()
+        streams.append(stream)
+
+    def finished(self, now: float | None = None) -> list[Conversation]:
+        """Remove and return what is done: idle streams and inputs that waited too long."""
+        now = time.monotonic() if now is None else now
+        done: list[Conversation] = []
+        for streams in self.streaming.values():
+            idle = [s for s in streams if now - s.touched >= self.config.pair_idle_s]
+            done += idle
+            streams[:] = [s for s in streams if s not in idle]
+        for waiting in self.waiting.values():
+            while waiting and now - waiting[0].touched >= self.config.input_wait_s:
+                done.append(waiting.popleft())
+        return done
+
+    def everything(self) -> list[Conversation]:
+        done = [c for streams in self.streaming.values() for c in streams]
+        done += [c for waiting in self.waiting.values() for c in waiting]
+        self.streaming.clear()
+        self.waiting.clear()
+        return done
+
+
+class DifyExtension:
+    def __init__(self, config: DifyConfig, spool: Spool, metrics: Metrics) -> None:
+        self.config = config
+        self.spool = spool
+        self.metrics = metrics
+        self.pairing = Pairing(config)
+        self._token = config.extension_token.encode()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._received = metrics.events_received.labels("dify_extension")
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(PATH, self.handle)]
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="dify-pairing")
+
+    async def stop(self) -> None:
+        """Record every open conversation as it stands: better a partial pair than none."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._stopped = True
+        self._record(self.pairing.everything())
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if not self._token:
+            return _error(404, "the API-based Extension is off: set dify.extension_token")
+        if not token_matches(request, self._token, x_api_key=False):
+            self.metrics.events_rejected.labels("unauthorized").inc()
+            return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+        try:
+            return json_response(200, self._answer(await request.read()))
+        except BadCall as e:
+            self.metrics.events_rejected.labels("invalid_event").inc()
+            return _error(400, str(e))
+
+    def _answer(self, body: bytes) -> dict[str, Any]:
+        try:
+            call = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadCall(f"body is not valid JSON: {e}") from None
+        if not isinstance(call, dict) or not isinstance(call.get("point"), str):
+            raise BadCall('body must be {"point": "...", "params": {...}}')
+        params = call.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadCall("params must be an object")
+        point = call["point"]
+        if point == "ping":
+            return {"result": "pong"}
+        if point == "app.moderation.input":
+            return self._moderate_input(params)
+        if point == "app.moderation.output":
+            return self._moderate_output(params)
+        if point == "app.external_data_tool.query":
+            return {"result": ""}
+        raise BadCall(f"unknown point {point!r}")
+
+    def _moderate_input(self, params: dict[str, Any]) -> dict[str, Any]:
+        app_id = _field(params, "app_id", str)
+        query = _field(params, "query", str, "")
+        inputs = _field(params, "inputs", dict, {})
+        if self._has_room():
+            self.pairing.add_input(app_id, query, inputs)
+        return {**NOT_FLAGGED, "inputs": inputs, "query": query}
+
+    def _moderate_output(self, params: dict[str, Any]) -> dict[str, Any]:
+        app_id = _field(params, "app_id", str)
+        text = _field(params, "text", str)
+        if self._has_room():
+            self.pairing.add_output(app_id, text)
+        return {**NOT_FLAGGED, "text": text}
+
+    def _has_room(self) -> bool:
+        if self._stopped:  # shutting down: still answer, Dify's chats must not fail
+            return False
+        if self.pairing.open < self.config.max_open:
+            return True
+        # Answer Dify anyway: failing its moderation call would fail the user's chat.
+        self.metrics.events_dropped.labels("dify_pairing_full").inc()
+        log.warning("dify.max_open conversations are open: dropping one (counted)")
+        return False
+
+    async def _sweep(self) -> None:
+        every = min(SWEEP_EVERY_S, self.config.pair_idle_s / 2)
+        while True:
+            await asyncio.sleep(every)
+            self._record(self.pairing.finished())
+
+    def _record(self, conversations: list[Conversation]) -> None:
+        if not conversations:
+            return
+        items = [c.interaction() for c in conversations]
+        _, committed = spool_interactions(self.spool, items)
+        committed.add_done_callback(lambda f: self._recorded(f, len(items)))
+
+    def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:
+        if committed.cancelled() or committed.exception() is not None:
+            self.metrics.events_dropped.labels("dify_spool_refused").inc(n)
+            log.error("could not spool %d Dify extension interactions: %s", n,
+                      committed.exception())
+        else:
+            self._received.inc(n)
+
+
+def _field(params: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = params.get(name, default)
+    if value is None or not isinstance(value, kind):
+        raise BadCall(f"params.{name} must be {'a string' if kind is str else 'an object'}")
+    return value
+
+
+def _error(status: int, message: str) -> web.Response:
+    return json_response(status, {"error": message})

@@ -1,0 +1,150 @@
+"""Dify's API-based Extension, with requests shaped exactly as Dify sends them."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Sidecar, StartSidecar
+from tests.fake_precogx import FakePrecogX, Respond
+
+KEY = "dify-ext-key-123"
+PATH = "/dify/extension"
+# Dify's APIBasedExtensionRequestor: Bearer key, JSON body {"point", "params"}.
+DIFY_HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+async def call(sidecar: Sidecar, point: str, params: dict[str, Any],
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return await sidecar.post(
+        PATH, data=orjson.dumps({"point": point, "params": params}),
+        headers=DIFY_HEADERS if headers is None else headers,
+    )
+
+
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar) -> Sidecar:
+    return await start_sidecar(dify={"extension_token": KEY, "pair_idle_s": 0.05,
+                                     "input_wait_s": 0.2})
+
+
+async def test_ping_on_save(sidecar: Sidecar) -> None:
+    assert await call(sidecar, "ping", {}) == (200, {"result": "pong"})
+
+
+async def test_wrong_or_missing_key_is_refused(sidecar: Sidecar) -> None:
+    for headers in ({"Content-Type": "application/json"},
+                    {**DIFY_HEADERS, "Authorization": "Bearer nope"}):
+        status, body = await call(sidecar, "ping", {}, headers)
+        assert status == 401
+        assert KEY not in str(body)
+
+
+async def test_off_without_a_token(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar()
+    status, body = await call(sidecar, "ping", {})
+    assert status == 404 and "dify.extension_token" in body["error"]
+
+
+async def test_input_and_streamed_output_become_one_interaction(
+    sidecar: Sidecar, fake: FakePrecogX
+) -> None:
+    status, answer = await call(sidecar, "app.moderation.input", {
+        "app_id": "app-1", "inputs": {"lang": "en"}, "query": "What is our refund policy?"})
+    assert status == 200
+    assert answer["flagged"] is False
+    assert (answer["query"], answer["inputs"]) == ("What is our refund policy?", {"lang": "en"})
+    text = "Refunds are accepted within 30 days. " * 30
+    for end in (300, 600, 900, len(text)):  # Dify: every 300 characters, then the whole
+        status, answer = await call(sidecar, "app.moderation.output",
+                                    {"app_id": "app-1", "text": text[:end]})
+        assert (status, answer["flagged"], answer["text"]) == (200, False, text[:end])
+    await fake.wait_for_received(1)
+    got = fake.received[0]
+    assert got["agentId"] == "dify-app-1"
+    assert got["prompt"] == "What is our refund policy?"
+    assert got["response"] == text
+    assert got["metadata"]["inputs"] == {"lang": "en"}
+    assert got["metadata"]["source"] == "api_extension"
+
+
+async def test_streams_of_two_apps_do_not_mix(sidecar: Sidecar, fake: FakePrecogX) -> None:
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "qa"})
+    await call(sidecar, "app.moderation.input", {"app_id": "b", "inputs": {}, "query": "qb"})
+    for chunk in ("A1", "A1A2", "A1A2A3"):
+        await call(sidecar, "app.moderation.output", {"app_id": "a", "text": chunk})
+        await call(sidecar, "app.moderation.output", {"app_id": "b", "text": chunk.lower()})
+    await fake.wait_for_received(2)
+    pairs = {(r["prompt"], r["response"]) for r in fake.received}
+    assert pairs == {("qa", "A1A2A3"), ("qb", "a1a2a3")}
+
+
+async def test_two_answers_in_one_app_pair_in_order(sidecar: Sidecar, fake: FakePrecogX) -> None:
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "first"})
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "second"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "one"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "two"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "one more"})
+    await fake.wait_for_received(2)
+    pairs = {(r["prompt"], r["response"]) for r in fake.received}
+    assert pairs == {("first", "one more"), ("second", "two")}
+
+
+async def test_input_without_output_is_recorded_alone(
+    sidecar: Sidecar, fake: FakePrecogX
+) -> None:
+    await call(sidecar, "app.moderation.input",
+               {"app_id": "c", "inputs": {"text": "summarise this"}, "query": ""})
+    await fake.wait_for_received(1)
+    assert fake.received[0]["prompt"] == {"text": "summarise this"}
+    assert fake.received[0]["response"] == ""
+
+
+async def test_external_data_tool_answers_empty(sidecar: Sidecar) -> None:
+    params = {"app_id": "a", "tool_variable": "weather", "inputs": {}, "query": "q"}
+    assert await call(sidecar, "app.external_data_tool.query", params) == (200, {"result": ""})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{", "not valid JSON"),
+        (b'{"params": {}}', '{"point"'),
+        (b'{"point": "app.nope", "params": {}}', "unknown point"),
+        (b'{"point": "app.moderation.input", "params": {"query": "q"}}', "params.app_id"),
+        (b'{"point": "app.moderation.output", "params": {"app_id": "a", "text": 5}}',
+         "params.text must be a string"),
+        (b'{"point": "app.moderation.input", "params": {"app_id": "a", "inputs": []}}',
+         "params.inputs must be an object"),
+    ],
+)
+async def test_malformed_calls_get_400(sidecar: Sidecar, body: bytes, message: str) -> None:
+    status, answer = await sidecar.post(PATH, data=body, headers=DIFY_HEADERS)
+    assert status == 400
+    assert message in answer["error"]
+
+
+async def test_answers_while_upstream_is_down(sidecar: Sidecar, fake: FakePrecogX) -> None:
+    fake.default = Respond(503)
+    status, answer = await call(sidecar, "app.moderation.input",
+                                {"app_id": "a", "inputs": {}, "query": "q"})
+    assert (status, answer["flagged"]) == (200, False)
+
+
+async def test_shutdown_records_open_conversations(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 3600.0, "input_wait_s": 3600.0},
+        upstream={"api_key_file": ""},
+    )
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q1"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "partial ans"})
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q2"})
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        stored = [orjson.loads(r[0]) for r in db.execute("SELECT payload FROM events")]
+    assert sorted((e["prompt"], e["response"]) for e in stored) == [
+        ("q1", "partial ans"), ("q2", "")
+    ]
