@@ -11,10 +11,12 @@ COPY sidecar ./sidecar
 RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[speed]'
 
 FROM python:3.12-slim
-RUN useradd --system --uid 10001 --user-group --create-home \
+RUN groupadd --system --gid 10001 precogx \
+    && useradd --system --uid 10001 --gid 10001 --create-home \
         --home-dir /var/lib/precogx-sidecar precogx
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels precogx-sidecar[speed] \
+# Every wheel in /wheels was built above for exactly this install: pinned by the build.
+RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels
 # Inside a container the sidecar must be reachable from Dify's containers, so it
 # listens on all addresses: it then refuses to start without an ingest token
@@ -23,7 +25,7 @@ ENV PRECOGX_SIDECAR_SERVER_HOST=0.0.0.0 \
     PRECOGX_SIDECAR_SPOOL_PATH=/var/lib/precogx-sidecar/spool.db \
     PRECOGX_SIDECAR_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
-USER precogx
+USER 10001:10001
 WORKDIR /var/lib/precogx-sidecar
 VOLUME ["/var/lib/precogx-sidecar"]
 EXPOSE 8787

@@ -23,7 +23,12 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 # The *_created series double the page and no dashboard or alert uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-FAILURE_REASONS = ("timeout", "connection", "http_4xx", "http_429", "http_5xx")
+FAILURE_REASONS = ("timeout", "connection", "http_4xx", "http_429", "http_5xx", "http_other")
+REJECT_REASONS = (
+    "invalid_json", "invalid_event", "unsupported_media_type", "too_large", "unauthorized",
+    "invalid_idempotency_key", "spool_full", "spool_error", "shutting_down",
+)
+DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
 
 
 class Metrics:
@@ -100,6 +105,10 @@ class Metrics:
         # rather than absent series.
         for reason in FAILURE_REASONS:
             self.delivery_failures.labels(reason)
+        for reason in REJECT_REASONS:
+            self.events_rejected.labels(reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.events_dead_lettered.labels(reason)
         for state in ("pending", "inflight", "dead"):
             self.spool_events.labels(state)
         for reason in ("spool_full", "dead_letter_pruned"):
