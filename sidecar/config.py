@@ -15,7 +15,7 @@ import math
 import os
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,19 @@ def _opt(
     le: float | None = None,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
+    env_only: bool = False,
     doc: str = "",
 ) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={
+            "ge": None, "gt": None, "le": None, "choices": None, "secret": secret,
+            "env_only": env_only, "doc": doc,
+        })
     return field(
         default=default,
         metadata={
-            "ge": ge, "gt": gt, "le": le, "choices": choices, "secret": secret, "doc": doc
+            "ge": ge, "gt": gt, "le": le, "choices": choices, "secret": secret,
+            "env_only": env_only, "doc": doc,
         },
     )
 
@@ -102,6 +109,15 @@ class DifyConfig:
 
 
 @dataclass
+class RedactionConfig:
+    mask_secrets: bool = _opt(True, doc="mask credentials (API keys, tokens, JWTs) everywhere")
+    hmac_key_file: str = _opt("", doc="file holding the key of the hash action")
+    hmac_key: str = _opt("", secret=True, env_only=True, doc="the key of the hash action")
+    # _opt turns the [] into a default_factory: no instance shares it.
+    rules: list[Any] = _opt([], doc="[[redaction.rules]], applied in order")  # noqa: RUF009
+
+
+@dataclass
 class LogConfig:
     level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="log level")
     format: str = _opt("text", choices=("text", "json"), doc="log line format")
@@ -113,6 +129,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
     dify: DifyConfig = field(default_factory=DifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="defaults", compare=False)
@@ -156,7 +173,19 @@ def _apply_file(config: Config, raw: dict[str, Any], path: str) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{name}: must be a [{name}] table in {path}")
         for key, value in values.items():
+            _refuse_env_only(sections[name], name, key, path)
             _set(sections[name], f"{name}.{key}", key, value, f"in {path}")
+
+
+def _refuse_env_only(section: Any, section_name: str, key: str, path: str) -> None:
+    """Keys that must never sit in a config file, where they end up in backups and repos."""
+    for f in dataclasses.fields(section):
+        if f.name == key and f.metadata["env_only"]:
+            var = f"{ENV_PREFIX}{section_name}_{key}".upper()
+            raise ConfigError(
+                f"{section_name}.{key}: must not be set in {path}; use env {var} "
+                f"or {section_name}.{key}_file"
+            )
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> None:
@@ -188,6 +217,8 @@ def _parse_env(type_name: Any, text: str, key: str, var: str) -> Any:
             return int(text)
         if type_name == "float":
             return float(text)
+        if type_name.startswith("list"):
+            return json.loads(text)
     except ValueError:
         raise ConfigError(f"{key}: expected {type_name}, got {text!r} (from env {var})") from None
     return text
@@ -212,6 +243,7 @@ def _check_type(type_name: Any, value: Any, key: str, origin: str, *, secret: bo
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "list[Any]": isinstance(value, list),
     }[type_name]
     if not ok:
         raise ConfigError(f"{key}: expected {type_name}, got {shown} {origin}")
@@ -302,8 +334,12 @@ def read_api_key(config: Config, env: Mapping[str, str] | None = None) -> str:
     return env.get(ENV_API_KEY, "").strip()
 
 
-def render(config: Config, api_key_state: str) -> str:
-    """The effective configuration as TOML, secrets masked, for ``check-config``."""
+def render(config: Config, api_key_state: str, rule_lines: Sequence[str] = ()) -> str:
+    """The effective configuration as TOML, secrets masked, for ``check-config``.
+
+    Rules are listed as comments (one line each, from the redactor), so the output
+    still loads as a config file.
+    """
     lines = [
         f"# effective configuration (from {config.source})",
         f"# upstream API key: {api_key_state}",
@@ -312,8 +348,13 @@ def render(config: Config, api_key_state: str) -> str:
         lines.append(f"\n[{section_name}]")
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
-            if f.metadata["secret"]:
+            if f.metadata["env_only"]:
+                lines.append(f"# {f.name}: {'set' if value else 'not set'} (env only)")
+            elif f.metadata["secret"]:
                 lines.append(f'{f.name} = "{"********" if value else ""}"')
+            elif isinstance(value, list):
+                lines.append(f"# {f.name}: {len(value)} configured")
+                lines.extend(f"#   {line}" for line in rule_lines)
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
