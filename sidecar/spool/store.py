@@ -498,12 +498,11 @@ class Spool:
     def _insert(self, db: Db, accepted: list[_Append]) -> None:
         if not accepted:
             return
-        rows = [
-            (event_id, a.received_at, len(payload), payload)
-            for a in accepted
-            for event_id, payload in zip(a.ids, a.payloads, strict=True)
-        ]
-        _insert_events(db, rows)
+        params: list[Any] = []
+        for a in accepted:
+            for event_id, payload in zip(a.ids, a.payloads, strict=True):
+                params += (event_id, a.received_at, len(payload), payload)
+        _insert_events(db, params)
         keyed = [
             (a.idempotency_key, a.received_at, orjson.dumps(a.ids).decode())
             for a in accepted
@@ -535,6 +534,7 @@ class Spool:
 # the GIL once per row, and on a busy loop each retake can wait a whole switch
 # interval; one statement per chunk keeps the SQLite work in a single GIL-free step.
 INSERT_CHUNKS = (256, 32, 4, 1)
+INSERT_COLUMNS = 4
 _INSERT_SQL = {
     n: "INSERT INTO events (id, received_at, size, payload) VALUES "
     + ",".join(["(?, ?, ?, ?)"] * n)
@@ -542,13 +542,14 @@ _INSERT_SQL = {
 }
 
 
-def _insert_events(db: Db, rows: list[tuple[int, float, int, bytes]]) -> None:
-    start = 0
+def _insert_events(db: Db, params: list[Any]) -> None:
+    """``params``: id, received_at, size, payload for each event, one flat list."""
+    start, end = 0, len(params)
     for chunk in INSERT_CHUNKS:
-        while len(rows) - start >= chunk:
-            params = [value for row in rows[start:start + chunk] for value in row]
-            db.execute(_INSERT_SQL[chunk], params)
-            start += chunk
+        width = chunk * INSERT_COLUMNS
+        while end - start >= width:
+            db.execute(_INSERT_SQL[chunk], params[start:start + width])
+            start += width
 
 
 def _evict_oldest(
