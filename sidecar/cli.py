@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         sub, "check-config", _check_config,
         "Print the effective configuration (secrets masked); exit 1 on an error.",
     )
+
+    p = _command(
+        sub, "redact", _redact,
+        "Print an event as it would be stored, and which rule hit where (on stderr).",
+    )
+    p.add_argument("event", nargs="?", default="-", metavar="EVENT.json",
+                   help="the interaction (or a batch body); - or nothing reads stdin")
 
     dead = sub.add_parser("dead-letters", help="List, show, replay or purge dead letters.")
     dead_sub = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -182,19 +190,54 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from sidecar.redaction.stage import build_stages
+
     try:
         cfg = _load(args)
         warning = config.check_listen_auth(cfg)
         key = config.read_api_key(cfg)
+        stage, _ = build_stages(cfg)
     except ConfigError as e:
         return _fail(f"config error: {e}")
     origin = f"from {cfg.upstream.api_key_file}" if cfg.upstream.api_key_file else (
         f"from env {config.ENV_API_KEY}"
     )
     state = f"set ({origin})" if key else "NOT SET: events will be spooled but not forwarded"
-    sys.stdout.write(config.render(cfg, state))
+    sys.stdout.write(config.render(cfg, state, stage.redactor.describe()))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _redact(args: argparse.Namespace) -> int:
+    from sidecar.receivers.validation import (
+        Rejection,
+        interactions_of_batch,
+        validate_interaction,
+    )
+    from sidecar.redaction.stage import build_stages
+
+    try:
+        stage, _ = build_stages(_load(args))
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    source = "stdin" if args.event == "-" else args.event
+    try:
+        raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
+        doc = orjson.loads(raw)
+        batch = isinstance(doc, dict) and "interactions" in doc
+        items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
+    except OSError as e:
+        return _fail(f"{source}: {e.strerror}")
+    except orjson.JSONDecodeError as e:
+        return _fail(f"{source}: not valid JSON: {e}")
+    except Rejection as e:
+        return _fail(f"{source}: {e.message}")
+    hits = [hit for item in items for hit in stage(item)]
+    _print_json({"interactions": items} if batch else items[0])
+    for hit in hits:
+        print(f"redacted: rule {hit.rule!r} ({hit.action}) at {hit.path}", file=sys.stderr)
+    print(f"{len(hits)} redactions", file=sys.stderr)
     return 0
 
 

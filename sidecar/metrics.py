@@ -83,6 +83,10 @@ class Metrics:
             registry=r,
         )
         self.retries = Counter(p + "retries", "Upstream requests scheduled again.", registry=r)
+        self.redactions = Counter(
+            p + "redactions", "Values redacted before spooling, by rule and action.",
+            ["rule", "action"], registry=r,
+        )
         self.events_dead_lettered = Counter(
             p + "events_dead_lettered", "Events moved to the dead letters, by reason.",
             ["reason"], registry=r,

@@ -23,6 +23,7 @@ from sidecar.logs import register_secret
 from sidecar.metrics import Metrics
 from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
+from sidecar.redaction.stage import build_stages
 from sidecar.spool import Spool, SpoolUnavailable, SpoolVersionError
 
 log = logging.getLogger("sidecar")
@@ -43,8 +44,9 @@ class Server:
         self.spool.dropped = lambda reason, n: self.metrics.events_dropped.labels(reason).inc(n)
         self.client = UpstreamClient(config.upstream)
         self.forwarder = Forwarder(config, self.spool, self.metrics, self.client)
-        self.receiver = IngestReceiver(config.server, self.spool, self.metrics)
-        self.dify = DifyExtension(config.dify, self.spool, self.metrics)
+        redact, redact_inline = build_stages(config, self.metrics)
+        self.receiver = IngestReceiver(config.server, self.spool, self.metrics, redact)
+        self.dify = DifyExtension(config.dify, self.spool, self.metrics, redact, redact_inline)
         self.port: int | None = None
         self.should_exit = asyncio.Event()
         self._runner: web.AppRunner | None = None

@@ -31,12 +31,24 @@ EXAMPLE_EVENT = {
 }
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return sidecar_config._toml_value(value)
+
+
 def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    """Scalars and arrays as key = value; lists of tables as [[section.key]] blocks."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {sidecar_config._toml_value(value)}")
+        tables = {k: v for k, v in values.items() if isinstance(v, list) and v
+                  and all(isinstance(t, dict) for t in v)}
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if k not in tables]
+        for key, items in tables.items():
+            for table in items:
+                lines.append(f"[[{name}.{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -36,9 +36,7 @@ INSTALL = "apt-get install -y --no-install-recommends prometheus"
 
 # Metrics the dashboard already shows but the sidecar does not export yet. Only their
 # panels may come back empty, and only while sidecar/metrics.py does not define them.
-# precogx_sidecar_redactions_total{rule, action} is being added: remove it from here
-# (and make the traffic below produce redactions) when it lands.
-NOT_YET_EXPORTED = frozenset({"precogx_sidecar_redactions_total"})
+NOT_YET_EXPORTED: frozenset[str] = frozenset()
 
 DIFY = "/api/v1/integrations/dify/telemetry"
 INGEST = "/api/v1/telemetry/ingest"
@@ -216,7 +214,8 @@ def test_prometheus_configs_pass_promtool_check(tmp_path: Path) -> None:
 
 def event(i: int, agent: str = "dify-test-app") -> dict[str, Any]:
     e = copy.deepcopy(EXAMPLE_EVENT)
-    e["prompt"] = f"prompt {i}"
+    # Every fifth prompt carries a credential, which the default redaction masks.
+    e["prompt"] = f"prompt {i}" + (" key sk-proj-abcdefghijklmnopqrstuvwxyz012345" * (i % 5 == 0))
     e["agentId"] = agent
     return e
 
@@ -456,6 +455,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         "precogx_sidecar_rate_limited_seconds_total",
         "precogx_sidecar_batch_size_events_count",
         "precogx_sidecar_delivery_latency_seconds_count",
+        'precogx_sidecar_redactions_total{action="mask",rule="builtin-secrets"}',
     ):
         assert seen.get(name, 0) > 0, name
     assert seen['precogx_sidecar_spool_events{state="dead"}'] == 1

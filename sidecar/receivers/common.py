@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool
 
 
@@ -30,9 +31,16 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
 
 
 def spool_interactions(
-    spool: Spool, items: list[dict[str, Any]], idempotency_key: str | None = None
+    spool: Spool, redact: RedactionStage, items: list[dict[str, Any]],
+    idempotency_key: str | None = None,
 ) -> tuple[list[int], asyncio.Future[list[int]]]:
-    """Hand validated interactions to the spool: their ids, and the future of their commit."""
+    """Redact validated interactions and hand them to the spool.
+
+    Returns their ids and the future of their commit. Redaction happens here, before
+    anything is serialised, so a redacted value never reaches the disk.
+    """
+    for item in items:
+        redact(item)
     ids = spool.allocate_ids(len(items))
     ref = spool.event_ref
     payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]

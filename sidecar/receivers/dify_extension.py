@@ -36,6 +36,7 @@ from aiohttp import web
 from sidecar.config import DifyConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
+from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool
 
 log = logging.getLogger("sidecar.dify")
@@ -123,9 +124,14 @@ class Pairing:
 
 
 class DifyExtension:
-    def __init__(self, config: DifyConfig, spool: Spool, metrics: Metrics) -> None:
+    def __init__(
+        self, config: DifyConfig, spool: Spool, metrics: Metrics,
+        redact: RedactionStage, redact_inline: RedactionStage,
+    ) -> None:
         self.config = config
         self.spool = spool
+        self.redact = redact
+        self.redact_inline = redact_inline
         self.metrics = metrics
         self.pairing = Pairing(config)
         self._token = config.extension_token.encode()
@@ -185,8 +191,17 @@ class DifyExtension:
         app_id = _field(params, "app_id", str)
         query = _field(params, "query", str, "")
         inputs = _field(params, "inputs", dict, {})
+        # Inline rules see the query as `prompt` and the inputs as `metadata.inputs`.
+        seen = {"agentId": f"dify-{app_id}", "prompt": query, "response": "",
+                "metadata": {"inputs": inputs}}
+        overridden = bool(self.redact_inline(seen))
+        query, inputs = seen["prompt"], seen["metadata"]["inputs"]
         if self._has_room():
             self.pairing.add_input(app_id, query, inputs)
+        if overridden:
+            # Dify then runs the model on these: the secret never reaches it.
+            return {"flagged": True, "action": "overridden", "preset_response": "",
+                    "inputs": inputs, "query": query}
         return {**NOT_FLAGGED, "inputs": inputs, "query": query}
 
     def _moderate_output(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +231,7 @@ class DifyExtension:
         if not conversations:
             return
         items = [c.interaction() for c in conversations]
-        _, committed = spool_interactions(self.spool, items)
+        _, committed = spool_interactions(self.spool, self.redact, items)
         committed.add_done_callback(lambda f: self._recorded(f, len(items)))
 
     def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:

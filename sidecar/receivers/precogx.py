@@ -16,6 +16,7 @@ from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
+from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: Dify's raw-text body
@@ -30,9 +31,12 @@ BATCH_PATH = "/api/v1/telemetry/batch"
 
 
 class IngestReceiver:
-    def __init__(self, config: ServerConfig, spool: Spool, metrics: Metrics) -> None:
+    def __init__(
+        self, config: ServerConfig, spool: Spool, metrics: Metrics, redact: RedactionStage
+    ) -> None:
         self.config = config
         self.spool = spool
+        self.redact = redact
         self.metrics = metrics
         self.accepting = True
         self._token = config.ingest_token.encode()
@@ -104,7 +108,7 @@ class IngestReceiver:
     async def _store(
         self, items: list[dict[str, Any]], key: str | None
     ) -> tuple[list[int], bool]:
-        ids, committed = spool_interactions(self.spool, items, key)
+        ids, committed = spool_interactions(self.spool, self.redact, items, key)
         try:
             stored = await committed
         except SpoolFull:

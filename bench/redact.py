@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""How many events per second ``Redactor.redact`` handles on one core.
+
+What is measured
+  One realistic interaction of about 2 KB (a support conversation holding an e-mail
+  address, a phone number, an API key and a card number, plus metadata and a tool call)
+  is redacted over and over for a fixed time (default 3 s) in this process, with:
+    - "no rules": an empty redactor, the cost of the call itself;
+    - "default detectors": one rule with every built-in detector, anywhere, mask;
+    - "10 field rules + default detectors": ten path rules (mask, partial and hash mixed,
+      a fixed HMAC key) and then the same detectors: the configuration the target is about.
+  Each round redacts a fresh copy of the event (redact works in place); the copy is made
+  outside the timed part.
+
+How to read it
+  - events/s (the median over batches of 1,000 events), microseconds per event, and the
+    best batch, per configuration. Target: well over 50,000 events/s (ideally 100,000)
+    for the last one. Nothing is asserted: PASS/MISS is printed next to the target.
+  - The hits per event are printed too: if they drop to 0, a detector stopped finding
+    what the event holds and the figure is measuring nothing.
+  - Figures on a shared or virtual machine move by 10-30 % between runs.
+
+Run from the repository root:  python bench/redact.py [--duration 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.redaction import DETECTORS, Redactor, build_redactor  # noqa: E402
+
+TARGET = 50_000
+HMAC_KEY = b"bench-redaction-hmac-key-0123456789"
+BATCH = 1000  # events copied ahead of each timed batch
+
+PROMPT = (
+    "Hi, I'm writing again about my order #884213 from 2026-11-02. The parcel was supposed "
+    "to arrive within 3-5 business days, but the tracking page has said 'in transit' for "
+    "twelve days now. I was also charged twice: my statement shows two payments of $129.99 "
+    "on the card 4111 1111 1111 1111, one on the 3rd and one on the 4th. Could you refund "
+    "the duplicate and tell me where the parcel is? You can reach me at "
+    "jane.doe@example.com or call me on +1 (415) 555-0132 between 9am and 5pm Pacific. "
+    "Our shop integration also started failing yesterday with a 401 error; the developer "
+    "says the key we use is sk-proj-Qw8eRt5yUi2oPa7sDf4gHj1kLz9xCv6bNm3 and that it worked "
+    "with version 2.4.1 of your SDK on Chrome/120.0.6099.109. Is there an outage, or do we "
+    "need to rotate it? Thanks a lot for your help, and sorry for the long message."
+)
+RESPONSE = (
+    "Hello Jane, thank you for your patience and sorry for the trouble. I can see order "
+    "#884213 and the two payments of $129.99. I have refunded the duplicate payment; it "
+    "will show on your statement within 5-7 business days. The parcel is held at the local "
+    "depot because the address label was damaged, and it will be delivered tomorrow before "
+    "noon. About the 401 error: please never share API keys in a ticket. I have revoked "
+    "the key you pasted; your developer can create a new one in the dashboard under "
+    "Settings > API keys. Let me know if there is anything else I can do."
+)
+EVENT: dict[str, Any] = {
+    "agentId": "dify-support-bot",
+    "prompt": PROMPT,
+    "response": RESPONSE,
+    "appId": "support-app-7",
+    "conversationId": "conv-5f2c9a",
+    "userId": "user-48213",
+    "sessionId": "sess-91ab",
+    "metadata": {
+        "platform": "dify",
+        "customer_email": "jane.doe@example.com",
+        "customer_name": "Jane Doe",
+        "customer_phone": "+1 415 555 0132",
+        "account_id": "ACC-00918273",
+        "ip": "203.0.113.42",
+        "locale": "en-US",
+        "tier": "gold",
+    },
+    "toolCalls": [
+        {
+            "name": "lookup_order",
+            "input": {"order_id": "884213", "account_number": "DE89370400440532013000"},
+            "output": {"status": "held_at_depot", "eta": "2026-11-24"},
+        },
+        {
+            "name": "refund_payment",
+            "input": {"payment_id": "pay_3PqLm9", "amount": 129.99, "card_last4": "1111"},
+            "output": "refunded",
+        },
+    ],
+}
+
+FIELD_RULES: list[dict[str, Any]] = [
+    {"name": "user-id", "path": "userId", "action": "hash"},
+    {"name": "session-id", "path": "sessionId", "action": "hash"},
+    {"name": "customer-email", "path": "metadata.customer_email", "action": "hash"},
+    {"name": "customer-name", "path": "metadata.customer_name", "action": "mask"},
+    {"name": "customer-phone", "path": "metadata.customer_phone", "action": "partial"},
+    {"name": "account-id", "path": "metadata.account_id", "action": "partial", "keep_last": 3},
+    {"name": "client-ip", "path": "metadata.ip", "action": "mask"},
+    {"name": "account-number", "path": "toolCalls[*].input.account_number",
+     "action": "partial"},
+    {"name": "payment-id", "path": "toolCalls[*].input.payment_id", "action": "hash"},
+    {"name": "ssn", "path": "metadata.*.ssn", "action": "mask"},
+]
+DEFAULT_DETECTORS: dict[str, Any] = {
+    "name": "default-detectors", "detectors": list(DETECTORS), "action": "mask",
+}
+
+
+def measure(redactor: Redactor, duration: float) -> tuple[float, float, float]:
+    """(median and best events per second over batches, hits per event), timing only the
+    redact calls. The median rather than the mean: on a shared machine a neighbour's burst
+    slows a few batches a lot, and those say nothing about redaction."""
+    rates: list[float] = []
+    hits = 0
+    spent = 0.0
+    while spent < duration:
+        batch = [copy.deepcopy(EVENT) for _ in range(BATCH)]
+        start = time.perf_counter()
+        for event in batch:
+            hits += len(redactor.redact(event))
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        rates.append(BATCH / elapsed)
+    return statistics.median(rates), max(rates), hits / (BATCH * len(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per configuration")
+    args = parser.parse_args()
+
+    size = len(__import__("orjson").dumps(EVENT))
+    print(f"event: {size} bytes of JSON; {args.duration:g} s per configuration, one core\n")
+    configs = [
+        ("no rules", []),
+        ("default detectors", [DEFAULT_DETECTORS]),
+        # Field rules first: run after the detectors they would find masks, not values.
+        ("10 field rules + default detectors", [*FIELD_RULES, DEFAULT_DETECTORS]),
+    ]
+    print(f"{'':36s} {'events/s (median)':>18s} {'us/event':>9s} {'best':>10s} {'hits/event':>11s}")
+    for label, rules in configs:
+        redactor = build_redactor(rules, HMAC_KEY)
+        rate, best, hits = measure(redactor, args.duration)
+        print(f"{label:36s} {rate:>18,.0f} {1e6 / rate:>9.2f} {best:>10,.0f} {hits:>11.1f}")
+    verdict = "PASS" if rate >= TARGET else "MISS"
+    print(f"\ntarget for the last (median): >= {TARGET:,} events/s ... {verdict}")
+
+
+if __name__ == "__main__":
+    main()

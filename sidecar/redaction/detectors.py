@@ -1,0 +1,514 @@
+"""Built-in detectors: precise finders of personal data and credentials inside text.
+
+A detector maps a text to the ``(start, end)`` spans it finds. Detectors run over every
+string of every event, so none of them lets the regex engine crawl the whole text:
+Python's engine tries a leading character class such as ``[0-9]`` at every position
+(about 7 ns a character), while ``str.find`` skips through text for a literal. So each
+finder first looks for a literal *needle* that every match contains, and only then runs
+its regex from there. The numeric detectors look for their needles in a *shape* of the
+text, made once per text, in which every ASCII digit is ``0``, every capital ``A``, every
+small letter ``a`` and each of `` .-`` is ``-``: there ``000-000-0000`` is one literal for
+all the ways of writing ``555 123-4567``. The checks a regex cannot express cheaply (Luhn,
+mod 97, octet ranges, boundaries, which separator it really was) run in Python on the few
+candidates.
+
+No character class here matches NUL, so no span crosses the NUL that joins the strings of
+one event into a single text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Span = tuple[int, int]
+
+_SHAPE_TABLE = bytes.maketrans(
+    (string.digits + string.ascii_uppercase + string.ascii_lowercase + " .-").encode(),
+    b"0" * 10 + b"A" * 26 + b"a" * 26 + b"---",
+)
+# Shape bytes of characters that glue a candidate into a longer word.
+_SHAPE_WORD = frozenset(b"0Aa_")
+_DIGIT = ord("0")
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
+_ALNUM = frozenset(string.ascii_letters + string.digits)
+_ANY_DIGIT = re.compile("[0-9]")
+
+
+class Text:
+    """A text being scanned, with its shape made at most once for all detectors."""
+
+    __slots__ = ("_shape", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._shape: bytes | None = None
+
+    @property
+    def shape(self) -> bytes:
+        if self._shape is None:
+            # 'replace' turns each non-ASCII character into one '?': indices stay aligned.
+            self._shape = self.text.encode("ascii", "replace").translate(_SHAPE_TABLE)
+        return self._shape
+
+
+Finder = Callable[[Text], list[Span]]
+Check = Callable[[Text, int, int], Span | None]
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    finders: tuple[Finder, ...]
+    secret: bool = False
+
+    def find(self, text: str) -> list[Span]:
+        return self.find_in(Text(text))
+
+    def find_in(self, text: Text) -> list[Span]:
+        if len(self.finders) == 1:
+            return self.finders[0](text)
+        spans: list[Span] = []
+        for finder in self.finders:
+            spans += finder(text)
+        return spans
+
+
+def _in_text(needle: str, pattern: str, check: Check, *, back: int = 0, gate: str = "") -> Finder:
+    """Matches of ``pattern`` where ``needle`` occurs ``back`` characters into them.
+
+    ``gate`` is a rare character of the needle: ``in`` rules a text out faster than ``find``.
+    """
+    regex = re.compile(pattern)
+
+    def find(t: Text) -> list[Span]:
+        text = t.text
+        if gate and gate not in text:
+            return []
+        spans: list[Span] = []
+        i = text.find(needle, back)
+        while i >= 0:
+            m = regex.match(text, i - back)
+            if m is None:
+                i = text.find(needle, i + 1)
+                continue
+            span = check(t, *m.span())
+            if span is not None:
+                spans.append(span)
+            i = text.find(needle, max(i + 1, m.end() + back))
+        return spans
+
+    return find
+
+
+def _in_shape(needle: bytes, pattern: bytes, check: Check) -> Finder:
+    """Matches of ``pattern`` in the shape, each starting with ``needle``."""
+    regex = re.compile(pattern)
+
+    def find(t: Text) -> list[Span]:
+        shape = t.shape
+        spans: list[Span] = []
+        i = shape.find(needle)
+        while i >= 0:
+            m = regex.match(shape, i)
+            if m is None:
+                i = shape.find(needle, i + 1)
+                continue
+            span = check(t, *m.span())
+            if span is not None:
+                spans.append(span)
+            # Past the whole match even when refused: a match starting inside it would be
+            # glued to the digits before it (a long digit run holds no card).
+            i = shape.find(needle, m.end())
+        return spans
+
+    return find
+
+
+def _after_escape(text: str, start: int) -> bool:
+    """``\\n4111...``: in text holding escaped JSON the letter before belongs to the escape."""
+    return start >= 2 and text[start - 2] == "\\" and text[start - 1] in "ntrbf"
+
+
+def _glued_before(t: Text, start: int) -> bool:
+    return start > 0 and t.shape[start - 1] in _SHAPE_WORD and not _after_escape(t.text, start)
+
+
+def _isolated(t: Text, start: int, end: int, joiners: str) -> bool:
+    """Not glued to a word, nor to more digits across a joiner (``v1.2.3.4.5``, ``1-2``)."""
+    shape, text = t.shape, t.text
+    if start > 0:
+        if _glued_before(t, start):
+            return False
+        if text[start - 1] in joiners and start > 1 and shape[start - 2] == _DIGIT:
+            return False
+    if end < len(shape):
+        if shape[end] in _SHAPE_WORD:
+            return False
+        if text[end] in joiners and end + 1 < len(shape) and shape[end + 1] == _DIGIT:
+            return False
+    return True
+
+
+# -- e-mail --------------------------------------------------------------------------
+
+_MAX_LOCAL = 64
+# The local part read backwards from the '@' (Python's regexes cannot look back a variable
+# length cheaply); \w also admits non-ASCII letters ("josé").
+_LOCAL_REVERSED = re.compile(rf"[\w.%+-]{{1,{_MAX_LOCAL + 1}}}")
+# Labels of letters, digits and inner hyphens, then a TLD of letters: "a@b", "user@localhost"
+# and "pkg@1.2.3" have none.
+_DOMAIN = re.compile(r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w-])")
+
+
+def _local_start(text: str, at: int) -> int | None:
+    m = _LOCAL_REVERSED.match(text[max(0, at - _MAX_LOCAL - 1) : at][::-1])
+    # No local part: an '@' after a space is a decorator or a mention, not an address.
+    if m is None or m.end() > _MAX_LOCAL:
+        return None
+    start = at - m.end()
+    while text[start] == ".":
+        start += 1
+    return start if start < at else None
+
+
+def _find_emails(t: Text) -> list[Span]:
+    text = t.text
+    spans: list[Span] = []
+    at = text.find("@")
+    while at != -1:
+        start = _local_start(text, at)
+        m = _DOMAIN.match(text, at + 1) if start is not None else None
+        if start is not None and m is not None:
+            spans.append((start, m.end()))
+            at = text.find("@", m.end())
+        else:
+            at = text.find("@", at + 1)
+    return spans
+
+
+# -- phone numbers -------------------------------------------------------------------
+
+_MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15  # E.164 allows at most 15
+
+
+def _international_phone(t: Text, start: int, end: int) -> Span | None:
+    shape = t.shape
+    if _glued_before(t, start):
+        return None
+    digits = shape.count(b"0", start, end)
+    # Too many digits, or glued to a word: what follows the phone number ("... 0132 123456",
+    # "... 0132 0A") was taken for more of it; drop whole groups from the end rather than
+    # the phone number with them.
+    while digits > _MAX_PHONE_DIGITS or (end < len(shape) and shape[end] in _SHAPE_WORD):
+        end = shape.rfind(b"-", start, end)
+        if end < 0:
+            return None
+        digits = shape.count(b"0", start, end)
+    return (start, end) if digits >= _MIN_PHONE_DIGITS else None
+
+
+def _national_phone(t: Text, start: int, end: int) -> Span | None:
+    text = t.text
+    # After "+1 " or "+44 (0)" it is the rest of an international number, found as such.
+    plus = text.rfind("+", max(0, start - 8), start)
+    if plus >= 0 and t.shape[plus + 1] == _DIGIT and not t.shape[plus + 1 : start].strip(b"0-()"):
+        return None
+    # "1-800-555-1234": the trunk prefix belongs to the number.
+    trunk = start - 2
+    if (
+        trunk >= 0
+        and text[trunk] == "1"
+        and text[start - 1] in " .-"
+        and text[trunk - 1 : trunk] != "+"
+        and _isolated(t, trunk, end, ".-+")
+    ):
+        return trunk, end
+    return (start, end) if _isolated(t, start, end, ".-+") else None
+
+
+# -- credit cards ----------------------------------------------------------------------
+
+# Every second digit from the right is doubled; the digits of the double always add up to
+# one digit, so a translation does it.
+_LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")
+
+
+def _luhn(digits: str) -> bool:
+    summed = digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLE)
+    return (sum(summed.encode()) - 48 * len(summed)) % 10 == 0
+
+
+def _card(t: Text, start: int, end: int) -> Span | None:
+    text = t.text
+    # Major networks start with 2-6; excluding 1 also spares 13-digit millisecond timestamps.
+    if text[start] not in "23456" or not _isolated(t, start, end, ".-"):
+        return None
+    digits = text[start:end]
+    if not digits.isdigit():
+        # One separator throughout, a space or a dash.
+        separator = text[start + 4]
+        digits = digits.replace(separator, "")
+        if separator == "." or not digits.isdigit():
+            return None
+    return (start, end) if _luhn(digits) else None
+
+
+def _grouped_card(t: Text, start: int, end: int) -> Span | None:
+    span = _card(t, start, end)
+    # A 4-4-4-4 card followed by " 123" matched as a 19-digit 4-4-4-4-3 one.
+    if span is None and end - start == 23:
+        span = _card(t, start, end - 4)
+    return span
+
+
+# -- IBAN -----------------------------------------------------------------------------
+
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
+    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32,
+    "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31, "SD": 18,
+    "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
+    "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}
+
+
+# For the mod-97 check letters count as two-digit numbers, A = 10 to Z = 35.
+_IBAN_DIGITS = str.maketrans({c: str(10 + i) for i, c in enumerate(string.ascii_uppercase)})
+
+
+def _iban(t: Text, start: int, end: int) -> Span | None:
+    text = t.text
+    length = _IBAN_LENGTHS.get(text[start : start + 2])
+    if length is None or _glued_before(t, start):
+        return None
+    written = text[start:end]
+    if "-" in written or "." in written:
+        return None
+    # The regex may run on into a following group ("... 0130 00 ABCD"): cut at the
+    # country's length, which must fall at the end of a group.
+    code = written.replace(" ", "")[:length]
+    if len(code) < length:
+        return None
+    cut = start + length + ((length - 1) // 4 if " " in written else 0)
+    if text[start:cut].replace(" ", "") != code or (
+        cut < len(text) and t.shape[cut] in _SHAPE_WORD
+    ):
+        return None
+    number = (code[4:] + code[:4]).translate(_IBAN_DIGITS)
+    return (start, cut) if int(number) % 97 == 1 else None
+
+
+# -- US social security numbers ------------------------------------------------------
+
+
+def _us_ssn(t: Text, start: int, end: int) -> Span | None:
+    text = t.text
+    if text[start + 3] != "-" or text[start + 6] != "-":
+        return None
+    area, group, serial = text[start : start + 3], text[start + 4 : start + 6], text[end - 4 : end]
+    if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+        return None
+    return (start, end) if _isolated(t, start, end, ".-") else None
+
+
+# -- IP addresses ----------------------------------------------------------------------
+
+
+def _ipv4(t: Text, dot: int, end: int) -> Span | None:
+    """The regex matched from the first dot; the first octet is just before it."""
+    text = t.text
+    start = dot
+    while start > 0 and "0" <= text[start - 1] <= "9" and dot - start < 3:
+        start -= 1
+    if start == dot or not _isolated(t, start, end, "."):
+        return None
+    for octet in text[start:end].split("."):
+        if int(octet) > 255 or (len(octet) > 1 and octet[0] == "0"):
+            return None
+    return start, end
+
+
+# Dots are too common for a needle; the regex engine's own search for a leading literal
+# character is the fastest way here.
+_IPV4_TAIL = re.compile(r"\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def _find_ipv4(t: Text) -> list[Span]:
+    return [s for m in _IPV4_TAIL.finditer(t.text) if (s := _ipv4(t, *m.span())) is not None]
+
+
+_V6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_V6_TAIL = re.compile(r"[0-9A-Fa-f:.]*")
+_V6_CHARS = frozenset(string.hexdigits + ":.")
+_MAX_V6_RUN = 64
+
+
+def _ipv6_run(text: str, colon: int) -> Span:
+    """The run of hex digits, colons and dots around a colon."""
+    start = colon
+    while start > 0 and text[start - 1] in _V6_CHARS and colon - start < _MAX_V6_RUN:
+        start -= 1
+    tail = _V6_TAIL.match(text, colon)
+    return start, tail.end() if tail else colon
+
+
+def _ipv6_address(text: str, start: int, end: int) -> bool:
+    candidate = text[start:end]
+    # A digit: "A::B" is C++, not an address; and a time such as 12:30:45 has neither "::"
+    # nor the six or more colons of a full address.
+    if len(candidate) > 45 or not any(c.isdigit() for c in candidate):
+        return False
+    if "::" not in candidate and candidate.count(":") < 6:
+        return False
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _ipv6_in(text: str, start: int, end: int) -> Span | None:
+    # The sentence's full stop or the colon of "addr 2001:db8::1: up" is not part of it.
+    while end > start and text[end - 1] == ".":
+        end -= 1
+    if text[end - 2 : end] != "::" and text[end - 1 : end] == ":":
+        end -= 1
+    if end < len(text) and text[end] in _TOKEN_CHARS:
+        return None
+    glued = start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start)
+    if not glued and _ipv6_address(text, start, end):
+        return start, end
+    # After a label or a colon: "ip:2001:db8::1" (the "d:" of "id:" is hex), ":2001:db8::1".
+    label_end = text.find(":", start, end)
+    if label_end < 0 or text[label_end + 1 : label_end + 2] == ":":
+        return None
+    return (label_end + 1, end) if _ipv6_address(text, label_end + 1, end) else None
+
+
+def _find_ipv6(t: Text) -> list[Span]:
+    text = t.text
+    spans: list[Span] = []
+    colon = text.find(":")
+    while colon != -1:
+        if not _V6_SEED.match(text, colon):
+            colon = text.find(":", colon + 1)
+            continue
+        start, end = _ipv6_run(text, colon)
+        span = _ipv6_in(text, start, end)
+        if span is not None:
+            spans.append(span)
+        colon = text.find(":", max(end, colon + 1))
+    return spans
+
+
+# -- credentials -----------------------------------------------------------------------
+
+
+def _token_start(t: Text, start: int, end: int) -> Span | None:
+    """A credential starts a token: ``task-based`` holds no ``sk-`` key."""
+    text = t.text
+    if start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start):
+        return None
+    return start, end
+
+
+def _token_with_digit(t: Text, start: int, end: int) -> Span | None:
+    """Generated keys hold a digit; ``sk-some-long-hyphenated-phrase`` does not."""
+    if _ANY_DIGIT.search(t.text, start, end) is None:
+        return None
+    return _token_start(t, start, end)
+
+
+def _alnum_token(t: Text, start: int, end: int) -> Span | None:
+    text = t.text
+    if start > 0 and text[start - 1] in _ALNUM and not _after_escape(text, start):
+        return None
+    return None if end < len(text) and text[end] in _ALNUM else (start, end)
+
+
+def _whole(t: Text, start: int, end: int) -> Span | None:
+    return start, end
+
+
+_B64URL = "[A-Za-z0-9_-]"
+_BEGIN = r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+_END = r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+
+
+# -- the catalogue ---------------------------------------------------------------------
+
+
+def _detector(name: str, *finders: Finder, secret: bool = False) -> Detector:
+    return Detector(name, finders, secret)
+
+
+_ALL = (
+    _detector("email", _find_emails),
+    _detector(
+        "phone",
+        _in_shape(b"+", rb"\+0{1,3}(?:-?(?:\(0{1,4}\)|0{1,6})){1,7}", _international_phone),
+        _in_shape(b"(000)", rb"\(000\)-?000-0000", _national_phone),
+        _in_shape(b"000-000-0000", rb"000-000-0000", _national_phone),
+    ),
+    _detector(
+        "credit_card",
+        _in_shape(b"0000000000000", rb"0000000000000(?:0{0,6})", _card),
+        # 4-4-4-1..4 and 4-4-4-4-3, then 4-6-5 and 4-6-4 (Amex, Diners).
+        _in_shape(b"0000-0000-0000", rb"0000-0000-0000-0{1,4}(?:-000)?", _grouped_card),
+        _in_shape(b"0000-000000-0000", rb"0000-000000-0{4,5}", _card),
+    ),
+    _detector("iban", _in_shape(b"AA00", rb"AA00(?:-?[A0]{4}){2,7}(?:-?[A0]{1,4})?", _iban)),
+    _detector("us_ssn", _in_shape(b"000-00-0000", rb"000-00-0000", _us_ssn)),
+    _detector("ipv4", _find_ipv4),
+    _detector("ipv6", _find_ipv6),
+    _detector(
+        "jwt",
+        _in_text("J", rf"eyJ{_B64URL}{{2,}}\.{_B64URL}{{2,}}\.{_B64URL}*", _token_start, back=2),
+        secret=True,
+    ),
+    _detector(
+        "precogx_key",
+        _in_text("px_", r"px_(?:live|test)_[A-Za-z0-9]{16,}", _token_start, gate="_"),
+        secret=True,
+    ),
+    _detector(
+        "openai_key",
+        _in_text("sk-", r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", _token_with_digit),
+        secret=True,
+    ),
+    _detector(
+        "aws_access_key",
+        _in_text("AKIA", r"AKIA[A-Z0-9]{16}", _alnum_token),
+        _in_text("ASIA", r"ASIA[A-Z0-9]{16}", _alnum_token),
+        secret=True,
+    ),
+    _detector(
+        "github_token",
+        _in_text("_", r"gh[pousr]_[A-Za-z0-9]{36,}", _token_start, back=3),
+        _in_text("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", _token_start, gate="_"),
+        secret=True,
+    ),
+    _detector(
+        "slack_token",
+        _in_text("xox", r"xox[baprs]-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
+        secret=True,
+    ),
+    # Without an END line (a truncated paste) everything after BEGIN is key material.
+    _detector(
+        "private_key",
+        _in_text("-----BEGIN", rf"{_BEGIN}(?:[^\x00]*?{_END}|[^\x00]*)", _whole),
+        secret=True,
+    ),
+)
+
+DETECTORS: dict[str, Detector] = {d.name: d for d in _ALL}
+SECRET_DETECTORS: tuple[str, ...] = tuple(d.name for d in _ALL if d.secret)

@@ -1,0 +1,80 @@
+"""Stage 2 as the receivers use it: the configured rules, credentials masked by default,
+every hit counted by rule and action (never by value)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Config, ConfigError
+from sidecar.logs import register_secret
+from sidecar.metrics import Metrics
+from sidecar.redaction.detectors import SECRET_DETECTORS
+from sidecar.redaction.redactor import Hit, Redactor, build_redactor
+from sidecar.redaction.rules import RedactionError
+
+BUILTIN_SECRETS_RULE = "builtin-secrets"
+
+
+BUILTIN_SECRETS = {"name": BUILTIN_SECRETS_RULE, "detectors": list(SECRET_DETECTORS),
+                   "action": "mask"}
+
+
+def read_hmac_key(config: Config) -> bytes | None:
+    """The hash action's key: env PRECOGX_SIDECAR_REDACTION_HMAC_KEY, or the key file."""
+    if config.redaction.hmac_key:
+        register_secret(config.redaction.hmac_key)
+        return config.redaction.hmac_key.encode()
+    path = config.redaction.hmac_key_file
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"redaction.hmac_key_file: cannot read {path}: {e.strerror}") from None
+    if not key:
+        raise ConfigError(f"redaction.hmac_key_file: {path} is empty")
+    register_secret(key.decode("utf-8", "replace"))
+    return key
+
+
+class RedactionStage:
+    def __init__(self, redactor: Redactor, metrics: Metrics | None = None) -> None:
+        self.redactor = redactor
+        self._counters: Mapping[tuple[str, str], Any] = {}
+        if metrics is not None:
+            # One series per rule and action from the start: a dashboard shows zeros.
+            self._counters = {
+                (rule.name, rule.action): metrics.redactions.labels(rule.name, rule.action)
+                for rule in redactor.rules
+            }
+
+    def __call__(self, event: dict[str, Any]) -> list[Hit]:
+        hits = self.redactor.redact(event)
+        for hit in hits:
+            counter = self._counters.get((hit.rule, hit.action))
+            if counter is not None:
+                counter.inc()
+        return hits
+
+
+def build_stages(
+    config: Config, metrics: Metrics | None = None
+) -> tuple[RedactionStage, RedactionStage]:
+    """Every rule (for what is stored), and the ``inline`` ones (for what Dify's model sees).
+
+    The operator's rules are checked on their own, so an error names their index.
+    """
+    key = read_hmac_key(config)
+    try:
+        rules = build_redactor(config.redaction.rules, key).rules
+        builtin = build_redactor([BUILTIN_SECRETS], None).rules
+    except RedactionError as e:
+        raise ConfigError(str(e)) from None
+    everything = [*builtin, *rules] if config.redaction.mask_secrets else rules
+    inline = [rule for rule in rules if rule.inline]
+    return (
+        RedactionStage(Redactor(everything, key), metrics),
+        RedactionStage(Redactor(inline, key)),
+    )

@@ -1,0 +1,193 @@
+"""Redaction in the running sidecar: secrets never reach the spool file or the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.conftest import EXAMPLE_EVENT, ROOT, StartSidecar, sidecar_command, write_config
+from tests.fake_precogx import FakePrecogX
+
+SECRETS = {
+    "openai": "sk-proj-Zx9aQ2mN7vB4cL1kJ8hG5fD3sA6pO0iU",
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "github": "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+           "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+    "email": "jane.doe@example.com",
+    "card": "4111 1111 1111 1111",
+    "account": "DE89370400440532013000",
+}
+# In order: the account keeps its last four before the IBAN detector would mask it whole.
+RULES: list[dict[str, Any]] = [
+    {"name": "accounts", "path": "toolCalls[*].input.account", "action": "partial",
+     "keep_last": 4},
+    {"name": "pii", "detectors": ["email", "credit_card", "iban"], "action": "mask",
+     "inline": True},
+    {"name": "user", "path": "userId", "action": "hash"},
+    {"name": "customer-email", "path": "metadata.customer_email", "action": "remove"},
+]
+HMAC_KEY = "k3y-for-pseudonyms-0123456789"
+
+
+def seeded_event(i: int) -> dict[str, Any]:
+    e: dict[str, Any] = copy.deepcopy(EXAMPLE_EVENT)
+    e["prompt"] = (f"#{i} my key is {SECRETS['openai']} and {SECRETS['aws']}; mail "
+                   f"{SECRETS['email']}, card {SECRETS['card']}")
+    e["response"] = {"answer": f"token {SECRETS['github']} / {SECRETS['jwt']}"}
+    e["userId"] = "user-42"
+    e["metadata"]["customer_email"] = "private@example.org"
+    e["toolCalls"] = [{"name": "pay", "input": {"account": SECRETS["account"]}}]
+    return e
+
+
+def assert_clean(blob: bytes) -> None:
+    for name, secret in SECRETS.items():
+        assert secret.encode() not in blob, name
+    assert b"private@example.org" not in blob
+    assert b"user-42" not in blob
+
+
+async def test_seeded_secrets_reach_neither_disk_nor_upstream(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("PRECOGX_SIDECAR_REDACTION_HMAC_KEY", HMAC_KEY)
+    holding = await start_sidecar(redaction={"rules": RULES}, upstream={"api_key_file": ""})
+    for i in range(5):
+        status, _ = await holding.post("/api/v1/integrations/dify/telemetry", seeded_event(i))
+        assert status == 202
+    status, _ = await holding.post("/api/v1/telemetry/batch",
+                                   {"interactions": [seeded_event(i) for i in range(5, 10)]})
+    assert status == 202
+    await holding.stop()
+    spool = Path(holding.config.spool.path)
+    assert_clean(b"".join(p.read_bytes() for p in spool.parent.glob(spool.name + "*")))
+
+    sidecar = await start_sidecar(redaction={"rules": RULES})
+    await fake.wait_for_received(10)
+    assert_clean(b"".join(r.body for r in fake.requests))
+    first = fake.received[0]
+    assert "[REDACTED:openai_key]" in first["prompt"] and "[REDACTED:email]" in first["prompt"]
+    assert first["userId"].startswith("hmac:")
+    assert {r["userId"] for r in fake.received} == {first["userId"]}  # stable pseudonym
+    assert "customer_email" not in first["metadata"]
+    assert first["toolCalls"][0]["input"]["account"].endswith("3000")
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_redactions_total{action="hash",rule="user"}' in metrics
+
+
+async def test_inline_rules_override_what_difys_model_sees(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("PRECOGX_SIDECAR_REDACTION_HMAC_KEY", HMAC_KEY)
+    sidecar = await start_sidecar(
+        redaction={"rules": RULES},
+        dify={"extension_token": "ext-key-1", "pair_idle_s": 0.05, "input_wait_s": 0.1},
+    )
+    body = {"point": "app.moderation.input", "params": {
+        "app_id": "app-9", "inputs": {"contact": SECRETS["email"]},
+        "query": f"charge card {SECRETS['card']} please"}}
+    status, answer = await sidecar.post(
+        "/dify/extension", data=orjson.dumps(body),
+        headers={"Authorization": "Bearer ext-key-1", "Content-Type": "application/json"},
+    )
+    assert status == 200
+    assert (answer["flagged"], answer["action"]) == (True, "overridden")
+    assert answer["query"] == "charge card [REDACTED:credit_card] please"
+    assert answer["inputs"] == {"contact": "[REDACTED:email]"}
+    await fake.wait_for_received(1)
+    assert_clean(fake.requests[0].body)
+
+
+async def test_clean_input_is_not_overridden(
+    start_sidecar: StartSidecar, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("PRECOGX_SIDECAR_REDACTION_HMAC_KEY", HMAC_KEY)
+    sidecar = await start_sidecar(redaction={"rules": RULES}, dify={"extension_token": "ext-key-1"})
+    body = {"point": "app.moderation.input",
+            "params": {"app_id": "a", "inputs": {}, "query": "hello"}}
+    _, answer = await sidecar.post(
+        "/dify/extension", data=orjson.dumps(body),
+        headers={"Authorization": "Bearer ext-key-1", "Content-Type": "application/json"},
+    )
+    assert answer["flagged"] is False
+
+
+async def run_cli(tmp_path: Path, *args: str, stdin: bytes = b"",
+                  env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PRECOGX_")}
+    base["PYTHONPATH"] = str(ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        *sidecar_command(*args), cwd=tmp_path, env={**base, **(env or {})},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_redact_command_shows_the_stored_event_and_the_hits(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"redaction": {"rules": RULES}})
+    env = {"PRECOGX_SIDECAR_REDACTION_HMAC_KEY": HMAC_KEY}
+    code, out, err = await run_cli(tmp_path, "redact", "--config", str(config),
+                                   stdin=orjson.dumps(seeded_event(1)), env=env)
+    assert code == 0, err
+    assert_clean(out.encode() + err.encode())
+    stored = orjson.loads(out)
+    assert stored["userId"].startswith("hmac:")
+    assert "redacted: rule 'builtin-secrets' (mask) at prompt" in err
+    assert "redacted: rule 'user' (hash) at userId" in err
+    assert "redacted: rule 'customer-email' (remove) at metadata.customer_email" in err
+    assert HMAC_KEY not in out + err
+
+
+async def test_redact_command_reads_a_file_and_refuses_bad_events(tmp_path: Path) -> None:
+    event = tmp_path / "event.json"
+    event.write_bytes(orjson.dumps({"agentId": "a", "prompt": "p"}))
+    code, out, err = await run_cli(tmp_path, "redact", str(event))
+    assert (code, out) == (1, "")
+    assert "response is required" in err
+    event.write_bytes(b"{nope")
+    code, _, err = await run_cli(tmp_path, "redact", str(event))
+    assert code == 1 and "not valid JSON" in err
+
+
+async def test_bad_rules_stop_start_and_check_config_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"redaction": {"rules": [
+        {"name": "x", "detectors": ["emial"], "action": "mask"}]}})
+    for command in ("check-config", "run"):
+        code, _, err = await run_cli(tmp_path, command, "--config", str(config))
+        assert code == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "unknown detector 'emial'" in lines[0], err
+
+
+async def test_hash_without_key_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"redaction": {"rules": [
+        {"name": "u", "path": "userId", "action": "hash"}]}})
+    code, _, err = await run_cli(tmp_path, "check-config", "--config", str(config))
+    assert code == 1 and "PRECOGX_SIDECAR_REDACTION_HMAC_KEY" in err
+
+
+async def test_hmac_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"redaction": {"hmac_key": "do-not-put-me-here"}})
+    code, out, err = await run_cli(tmp_path, "check-config", "--config", str(config))
+    assert code == 1
+    assert "must not be set in" in err and "do-not-put-me-here" not in out + err
+
+
+async def test_check_config_lists_the_rules(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"redaction": {"rules": RULES}})
+    code, out, err = await run_cli(tmp_path, "check-config", "--config", str(config),
+                                   env={"PRECOGX_SIDECAR_REDACTION_HMAC_KEY": HMAC_KEY})
+    assert code == 0, err
+    assert "# rules: 4 configured" in out
+    for rule in ("builtin-secrets", "accounts", "pii", "user", "customer-email"):
+        assert f"#   {rule}" in out
+    assert HMAC_KEY not in out
