@@ -203,7 +203,7 @@ def _check_config(args: argparse.Namespace) -> int:
         f"from env {config.ENV_API_KEY}"
     )
     state = f"set ({origin})" if key else "NOT SET: events will be spooled but not forwarded"
-    sys.stdout.write(config.render(cfg, state, stage.redactor.describe()))
+    sys.stdout.write(config.render(cfg, state, stage.describe()))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

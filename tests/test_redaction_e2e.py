@@ -191,3 +191,25 @@ async def test_check_config_lists_the_rules(tmp_path: Path) -> None:
     for rule in ("builtin-secrets", "accounts", "pii", "user", "customer-email"):
         assert f"#   {rule}" in out
     assert HMAC_KEY not in out
+
+
+SECRET_EXAMPLES = {
+    "jwt": SECRETS["jwt"],
+    "precogx_key": "px_live_abcdefghijklmnop1234",
+    "openai_key": SECRETS["openai"],
+    "aws_access_key": SECRETS["aws"],
+    "github_token": SECRETS["github"],
+    "slack_token": "xoxb-123456789012-abcdefghijkl",
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----",
+}
+
+
+def test_secret_triggers_cover_every_credential_detector() -> None:
+    """The cheap pre-check may only skip events that no credential detector would hit."""
+    from sidecar.redaction import DETECTORS, SECRET_DETECTORS
+    from sidecar.redaction.stage import SECRET_TRIGGERS
+
+    assert set(SECRET_EXAMPLES) == set(SECRET_DETECTORS)  # a new detector needs a trigger
+    for name, example in SECRET_EXAMPLES.items():
+        assert DETECTORS[name].find(f"see {example} here"), name
+        assert SECRET_TRIGGERS.search(orjson.dumps({"prompt": f"see {example} here"})), name

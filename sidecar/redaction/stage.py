@@ -3,16 +3,19 @@ every hit counted by rule and action (never by value)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from sidecar.config import Config, ConfigError
 from sidecar.logs import register_secret
 from sidecar.metrics import Metrics
 from sidecar.redaction.detectors import SECRET_DETECTORS
 from sidecar.redaction.redactor import Hit, Redactor, build_redactor
-from sidecar.redaction.rules import RedactionError
+from sidecar.redaction.rules import RedactionError, Rule
 
 BUILTIN_SECRETS_RULE = "builtin-secrets"
 
@@ -39,19 +42,43 @@ def read_hmac_key(config: Config) -> bytes | None:
     return key
 
 
+# Every built-in credential detector needs one of these literals in the text it matches.
+# orjson escapes only quotes, backslashes and control characters, none of which occur in
+# them, so a serialised event without any of them holds no credential: the walk over all
+# its strings (most of the cost of redaction) can be skipped. tests/test_redaction_e2e.py
+# keeps this list and the detectors in step.
+SECRET_TRIGGERS = re.compile(
+    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[baprs]-|-----BEGIN"
+)
+
+
 class RedactionStage:
-    def __init__(self, redactor: Redactor, metrics: Metrics | None = None) -> None:
-        self.redactor = redactor
+    def __init__(
+        self, rules: Redactor, secrets: Redactor | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self.rules = rules
+        self.secrets = secrets
         self._counters: Mapping[tuple[str, str], Any] = {}
         if metrics is not None:
             # One series per rule and action from the start: a dashboard shows zeros.
             self._counters = {
                 (rule.name, rule.action): metrics.redactions.labels(rule.name, rule.action)
-                for rule in redactor.rules
+                for rule in self.all_rules
             }
 
+    @property
+    def all_rules(self) -> list[Rule]:
+        return [*(self.secrets.rules if self.secrets else ()), *self.rules.rules]
+
+    def describe(self) -> list[str]:
+        return [*(self.secrets.describe() if self.secrets else ()), *self.rules.describe()]
+
     def __call__(self, event: dict[str, Any]) -> list[Hit]:
-        hits = self.redactor.redact(event)
+        hits: list[Hit] = []
+        if self.secrets is not None and SECRET_TRIGGERS.search(orjson.dumps(event)):
+            hits += self.secrets.redact(event)
+        if self.rules.rules:
+            hits += self.rules.redact(event)
         for hit in hits:
             counter = self._counters.get((hit.rule, hit.action))
             if counter is not None:
@@ -64,17 +91,17 @@ def build_stages(
 ) -> tuple[RedactionStage, RedactionStage]:
     """Every rule (for what is stored), and the ``inline`` ones (for what Dify's model sees).
 
-    The operator's rules are checked on their own, so an error names their index.
+    The operator's rules are checked on their own, so an error names their index. The
+    built-in credential rule runs first.
     """
     key = read_hmac_key(config)
     try:
-        rules = build_redactor(config.redaction.rules, key).rules
-        builtin = build_redactor([BUILTIN_SECRETS], None).rules
+        rules = build_redactor(config.redaction.rules, key)
+        secrets = build_redactor([BUILTIN_SECRETS], None)
     except RedactionError as e:
         raise ConfigError(str(e)) from None
-    everything = [*builtin, *rules] if config.redaction.mask_secrets else rules
-    inline = [rule for rule in rules if rule.inline]
+    inline = Redactor([rule for rule in rules.rules if rule.inline], key)
     return (
-        RedactionStage(Redactor(everything, key), metrics),
-        RedactionStage(Redactor(inline, key)),
+        RedactionStage(rules, secrets if config.redaction.mask_secrets else None, metrics),
+        RedactionStage(inline),
     )
