@@ -233,6 +233,17 @@ async def test_full_spool_rejects_with_503_and_retry_after(start_sidecar: StartS
     assert 'precogx_sidecar_events_rejected_total{reason="spool_full"} 1.0' in metrics
 
 
+async def test_spool_full_is_logged_once_per_change(
+    start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = await start_sidecar(spool={"max_events": 1}, upstream={"api_key_file": ""})
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    for _ in range(5):
+        assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 503
+    full = [r for r in caplog.records if "spool full" in r.getMessage()]
+    assert len(full) == 1 and full[0].levelname == "WARNING"
+
+
 async def test_batch_that_does_not_fit_is_refused_whole(start_sidecar: StartSidecar) -> None:
     sidecar = await start_sidecar(spool={"max_events": 4}, upstream={"api_key_file": ""})
     assert (await sidecar.post(BATCH, {"interactions": [event()] * 3}))[0] == 202

@@ -7,6 +7,7 @@ to the spool; every refusal carries PrecogX's error body and stores nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -18,6 +19,8 @@ from sidecar.receivers.common import json_response, spool_interactions, token_ma
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
+
+log = logging.getLogger("sidecar.receivers")
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: Dify's raw-text body
 MAX_IDEMPOTENCY_KEY = 255
@@ -40,6 +43,7 @@ class IngestReceiver:
         self.metrics = metrics
         self.accepting = True
         self._token = config.ingest_token.encode()
+        self._refusing = False
         self._received = {
             endpoint: metrics.events_received.labels(endpoint)
             for endpoint in (*SINGLE_PATHS.values(), "batch")
@@ -112,6 +116,7 @@ class IngestReceiver:
         try:
             stored = await committed
         except SpoolFull:
+            self._spool_full(True)
             raise Rejection(
                 503, "SPOOL_FULL",
                 "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
@@ -124,7 +129,19 @@ class IngestReceiver:
                 "the events could not be committed to the spool; nothing was stored, retry later",
                 "spool_error", headers={"Retry-After": RETRY_AFTER_S},
             ) from None
+        self._spool_full(False)
         return stored, stored != ids
+
+    def _spool_full(self, full: bool) -> None:
+        """One log line per change, never one per refused request."""
+        if full == self._refusing:
+            return
+        self._refusing = full
+        if full:
+            log.warning("spool full (spool.max_events / spool.max_bytes): refusing events "
+                        "with 503 until deliveries make room")
+        else:
+            log.info("spool has room again: accepting events")
 
 
 def _idempotency_key(request: web.Request) -> str | None:
