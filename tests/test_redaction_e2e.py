@@ -213,3 +213,19 @@ def test_secret_triggers_cover_every_credential_detector() -> None:
     for name, example in SECRET_EXAMPLES.items():
         assert DETECTORS[name].find(f"see {example} here"), name
         assert SECRET_TRIGGERS.search(orjson.dumps({"prompt": f"see {example} here"})), name
+
+
+async def test_escaped_credentials_in_the_raw_body_are_still_masked(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """The request-wide pre-check must not be fooled by JSON escapes."""
+    sidecar = await start_sidecar()
+    escaped = SECRETS["openai"].replace("-", "\\u002d", 1)  # "sk\u002dproj-..."
+    plain = orjson.dumps({"interactions": [EXAMPLE_EVENT, EXAMPLE_EVENT]}).decode()
+    body = plain.replace('"Hello, this', f'"key {escaped} Hello, this', 1).encode()
+    status, _ = await sidecar.post("/api/v1/telemetry/batch", data=body,
+                                   headers={"Content-Type": "application/json"})
+    assert status == 202
+    await fake.wait_for_received(2)
+    assert_clean(b"".join(r.body for r in fake.requests))
+    assert "[REDACTED:openai_key]" in fake.received[0]["prompt"]

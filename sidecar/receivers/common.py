@@ -32,7 +32,7 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
 
 def spool_interactions(
     spool: Spool, redact: RedactionStage, items: list[dict[str, Any]],
-    idempotency_key: str | None = None,
+    idempotency_key: str | None = None, may_hold_secrets: bool | None = None,
 ) -> tuple[list[int], asyncio.Future[list[int]]]:
     """Redact validated interactions and hand them to the spool.
 
@@ -40,7 +40,7 @@ def spool_interactions(
     anything is serialised, so a redacted value never reaches the disk.
     """
     for item in items:
-        redact(item)
+        redact(item, may_hold_secrets)
     ids = spool.allocate_ids(len(items))
     ref = spool.event_ref
     payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]

@@ -62,9 +62,11 @@ class IngestReceiver:
     async def _handle(self, request: web.Request, endpoint: str, *, batch: bool) -> web.Response:
         try:
             self._admit(request)
-            doc = await self._read_json(request)
+            body = await self._read(request)
+            doc = _parse(body)
             items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
-            ids, repeated = await self._store(items, _idempotency_key(request))
+            secrets = self.redact.may_hold_secrets(body)
+            ids, repeated = await self._store(items, _idempotency_key(request), secrets)
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
@@ -97,22 +99,16 @@ class IngestReceiver:
         if length is not None and length > self.config.max_body_bytes:
             raise _too_large(length, self.config.max_body_bytes)
 
-    async def _read_json(self, request: web.Request) -> Any:
+    async def _read(self, request: web.Request) -> bytes:
         try:
-            body = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge as e:
             raise _too_large(None, self.config.max_body_bytes) from e
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise Rejection(
-                400, "INVALID_JSON", f"body is not valid JSON: {e}", "invalid_json"
-            ) from None
 
     async def _store(
-        self, items: list[dict[str, Any]], key: str | None
+        self, items: list[dict[str, Any]], key: str | None, secrets: bool | None
     ) -> tuple[list[int], bool]:
-        ids, committed = spool_interactions(self.spool, self.redact, items, key)
+        ids, committed = spool_interactions(self.spool, self.redact, items, key, secrets)
         try:
             stored = await committed
         except SpoolFull:
@@ -142,6 +138,14 @@ class IngestReceiver:
                         "with 503 until deliveries make room")
         else:
             log.info("spool has room again: accepting events")
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        message = f"body is not valid JSON: {e}"
+        raise Rejection(400, "INVALID_JSON", message, "invalid_json") from None
 
 
 def _idempotency_key(request: web.Request) -> str | None:

@@ -73,9 +73,21 @@ class RedactionStage:
     def describe(self) -> list[str]:
         return [*(self.secrets.describe() if self.secrets else ()), *self.rules.describe()]
 
-    def __call__(self, event: dict[str, Any]) -> list[Hit]:
+    def may_hold_secrets(self, body: bytes) -> bool | None:
+        """Decide the credential scan once for a whole request body; None: decide per event.
+
+        Only a \\u escape can hide a trigger literal in raw JSON (no other escape
+        produces one of their characters); with one, each event is checked after parsing.
+        """
+        if self.secrets is None or b"\\u" in body:
+            return None
+        return SECRET_TRIGGERS.search(body) is not None
+
+    def __call__(self, event: dict[str, Any], may_hold_secrets: bool | None = None) -> list[Hit]:
         hits: list[Hit] = []
-        if self.secrets is not None and SECRET_TRIGGERS.search(orjson.dumps(event)):
+        if may_hold_secrets is None and self.secrets is not None:
+            may_hold_secrets = SECRET_TRIGGERS.search(orjson.dumps(event)) is not None
+        if may_hold_secrets and self.secrets is not None:
             hits += self.secrets.redact(event)
         if self.rules.rules:
             hits += self.rules.redact(event)
