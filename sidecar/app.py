@@ -7,6 +7,7 @@ from aiohttp import web
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response
+from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
 from sidecar.spool import Spool
 
@@ -34,7 +35,8 @@ def readiness(receiver: IngestReceiver, spool: Spool, forwarder: Forwarder) -> s
 
 
 def build_app(
-    receiver: IngestReceiver, spool: Spool, forwarder: Forwarder, metrics: Metrics
+    receiver: IngestReceiver, dify: DifyExtension, spool: Spool, forwarder: Forwarder,
+    metrics: Metrics,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return json_response(200, {"status": "alive"})
@@ -57,6 +59,7 @@ def build_app(
     app.add_routes(
         [
             *receiver.routes(),
+            *dify.routes(),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics_page),

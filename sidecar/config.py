@@ -42,18 +42,13 @@ def _opt(
     env_only: bool = False,
     doc: str = "",
 ) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=list, metadata={
-            "ge": None, "gt": None, "le": None, "choices": None, "secret": secret,
-            "env_only": env_only, "doc": doc,
-        })
-    return field(
-        default=default,
-        metadata={
-            "ge": ge, "gt": gt, "le": le, "choices": choices, "secret": secret,
-            "env_only": env_only, "doc": doc,
-        },
-    )
+    metadata = {
+        "ge": ge, "gt": gt, "le": le, "choices": choices, "secret": secret,
+        "env_only": env_only, "doc": doc,
+    }
+    if isinstance(default, list):  # a fresh list per instance, never a shared one
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

@@ -130,8 +130,7 @@ class Server:
         m.spool_capacity_bytes.set(self.config.spool.max_bytes)
 
     async def _listen(self) -> None:
-        app = build_app(self.receiver, self.spool, self.forwarder, self.metrics)
-        app.add_routes(self.dify.routes())
+        app = build_app(self.receiver, self.dify, self.spool, self.forwarder, self.metrics)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
