@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import EXAMPLE_EVENT, ROOT, StartSidecar, sidecar_command, write_config
 from tests.fake_precogx import FakePrecogX
@@ -213,6 +215,31 @@ def test_secret_triggers_cover_every_credential_detector() -> None:
     for name, example in SECRET_EXAMPLES.items():
         assert DETECTORS[name].find(f"see {example} here"), name
         assert SECRET_TRIGGERS.search(orjson.dumps({"prompt": f"see {example} here"})), name
+
+
+# Bytes of the trigger literals and their neighbours, so random bodies hold near misses
+# ("sk_", "xoxz-", "px_x", "-----BEGON") as often as hits.
+_TRIGGER_ALPHABET = b"eyJpx_livetsk-AKIASghpousrbtxoxa-----BEGINZ9 \""
+
+
+@settings(max_examples=3000, database=None, deadline=None)
+@given(st.lists(st.sampled_from(_TRIGGER_ALPHABET), max_size=40).map(bytes))
+def test_the_fast_trigger_check_agrees_with_the_trigger_regex(body: bytes) -> None:
+    from sidecar.redaction.stage import SECRET_TRIGGERS, holds_secret_trigger
+
+    assert holds_secret_trigger(body) == (SECRET_TRIGGERS.search(body) is not None)
+
+
+def test_the_fast_trigger_check_finds_each_literal_anywhere() -> None:
+    from sidecar.redaction.stage import holds_secret_trigger
+
+    literals = [b"eyJ", b"px_live_", b"px_test_", b"sk-", b"AKIA", b"ASIA", b"github_pat_",
+                b"-----BEGIN", *(b"gh%c_" % c for c in b"pousr"),
+                *(b"xox%c-" % c for c in b"baprs")]
+    for literal in literals:
+        for body in (literal, b"x" + literal, literal + b"x", b'{"a":"' + literal + b'"}'):
+            assert holds_secret_trigger(body), body
+        assert not holds_secret_trigger(literal[:-1]), literal
 
 
 async def test_escaped_credentials_in_the_raw_body_are_still_masked(

@@ -50,6 +50,27 @@ def read_hmac_key(config: Config) -> bytes | None:
 SECRET_TRIGGERS = re.compile(
     rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[baprs]-|-----BEGIN"
 )
+# The same literals, each behind one byte it holds: ``in`` for a single byte is a memchr,
+# some hundred times faster than any regex over a large body, and most bodies lack most of
+# these bytes. Each regex starts with its byte, so the engine's own scan skips to it; a
+# regex holding all literals at once (SECRET_TRIGGERS) tries every alternative at every
+# letter. tests/test_redaction_e2e.py checks both agree.
+_TRIGGERS_BY_BYTE = (
+    (b"J", re.compile(rb"J(?<=eyJ)")),
+    (b"_", re.compile(rb"_(?:(?<=px_)(?:live|test)_|(?<=gh[pousr]_)|(?<=github_)pat_)")),
+    (b"-", re.compile(rb"-(?:(?<=sk-)|(?<=xox[baprs]-)|----BEGIN)")),
+    (b"K", re.compile(rb"AKIA")),
+    (b"S", re.compile(rb"ASIA")),
+)
+
+
+def holds_secret_trigger(data: bytes) -> bool:
+    """Whether ``data`` holds one of SECRET_TRIGGERS, found the fast way."""
+    # A loop, not any(): a generator costs about a microsecond more here.
+    for byte, regex in _TRIGGERS_BY_BYTE:  # noqa: SIM110
+        if byte in data and regex.search(data) is not None:
+            return True
+    return False
 
 
 class RedactionStage:
@@ -81,12 +102,12 @@ class RedactionStage:
         """
         if self.secrets is None or b"\\u" in body:
             return None
-        return SECRET_TRIGGERS.search(body) is not None
+        return holds_secret_trigger(body)
 
     def __call__(self, event: dict[str, Any], may_hold_secrets: bool | None = None) -> list[Hit]:
         hits: list[Hit] = []
         if may_hold_secrets is None and self.secrets is not None:
-            may_hold_secrets = SECRET_TRIGGERS.search(orjson.dumps(event)) is not None
+            may_hold_secrets = holds_secret_trigger(orjson.dumps(event))
         if may_hold_secrets and self.secrets is not None:
             hits += self.secrets.redact(event)
         if self.rules.rules:
