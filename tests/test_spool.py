@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import SpoolConfig
-from sidecar.spool import Spool, SpoolFull, SpoolUnavailable, SpoolVersionError
+from sidecar.spool import Spool, SpoolFull, SpoolUnavailable, SpoolVersionError, admin
 from sidecar.spool.schema import SCHEMA_VERSION
 
 
@@ -157,3 +157,50 @@ async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -
         blocker.close()
     assert await put(spool, 1)
     assert spool.write_error is None
+
+
+async def test_groups_larger_than_one_insert_land_whole(tmp_path: Path) -> None:
+    big = Spool(SpoolConfig(path=str(tmp_path / "big.db")))
+    await big.open()
+    sizes = [300, 1, 255, 2, 700]  # one group holds more rows than one INSERT statement
+    results = await asyncio.gather(*(put(big, n) for n in sizes))
+    await big.close()
+    assert [len(r) for r in results] == sizes
+    with sqlite3.connect(tmp_path / "big.db") as db:
+        rows = db.execute("SELECT id, size, payload FROM events ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == sorted(i for r in results for i in r)
+    assert all(payload == b'{"n": %d}' % i and size == len(payload) for i, size, payload in rows)
+
+
+async def _last_id_then_reopen(config: SpoolConfig, delete: str) -> tuple[int, int]:
+    """Fill a spool, empty it in one of the ways events leave it, reopen: (last old id,
+    first new id)."""
+    s = Spool(config)
+    await s.open()
+    ids = await put(s, 5)
+    if delete == "delivered":
+        await s.delete(await s.claim(10, 1 << 20))
+    elif delete == "pruned":  # over max_dead_events: the oldest dead letters go
+        await s.dead_letter(await s.claim(10, 1 << 20), "rejected", 400, "bad")
+    elif delete == "purged":
+        await s.dead_letter(await s.claim(10, 1 << 20), "rejected", 400, "bad")
+        await s.close()
+        with admin.open_spool(config.path) as db:
+            admin.purge(db, admin.Selection(), lambda done, total: None)
+        s = Spool(config)
+        await s.open()
+    await s.close()
+    reopened = Spool(config)
+    await reopened.open()
+    assert reopened.counts.events == 0
+    fresh = await put(reopened, 1)
+    await reopened.close()
+    return max(ids), fresh[0]
+
+
+@pytest.mark.parametrize("delete", ["delivered", "pruned", "purged"])
+async def test_ids_never_repeat_whichever_way_events_left(tmp_path: Path, delete: str) -> None:
+    config = SpoolConfig(path=str(tmp_path / "s.db"),
+                         max_dead_events=0 if delete == "pruned" else 100)
+    last, first_new = await _last_id_then_reopen(config, delete)
+    assert first_new > last

@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Room for the INSERT of every group size (store.MAX_INSERT_ROWS) besides the rest.
+CACHED_STATEMENTS = 512
+
 _Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
 
 
@@ -58,7 +61,10 @@ class DbThread:
             fn, future = job
             try:
                 if db is None:
-                    db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+                    db = sqlite3.connect(
+                        self._path, isolation_level=None, check_same_thread=True,
+                        cached_statements=CACHED_STATEMENTS,
+                    )
                 result = fn(db)
             except BaseException as e:  # handed to the awaiting task, which decides
                 self._resolve(future, None, e)

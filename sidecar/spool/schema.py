@@ -39,6 +39,15 @@ MIGRATIONS: list[str] = [
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# meta.next_id is kept past every id that was ever deleted, so ids never repeat once the
+# spool drains (upstream would drop a reused id as a redelivery). Run it in the same
+# transaction before any DELETE FROM events; inserts, the hot path, never touch meta:
+# at start-up the next id is past both this counter and the largest id still stored.
+REMEMBER_IDS = (
+    "UPDATE meta SET value = (SELECT max(id) + 1 FROM events) WHERE key = 'next_id' "
+    "AND CAST(value AS INTEGER) <= (SELECT max(id) FROM events)"
+)
+
 
 class SpoolVersionError(Exception):
     pass
