@@ -33,6 +33,7 @@ async def test_new_spool_is_versioned_and_named(spool: Spool, tmp_path: Path) ->
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert len(spool.spool_id) == 12
     assert spool.event_ref(5) == f"{spool.spool_id}-5"
+    assert spool.event_refs([5, 6]) == [spool.event_ref(5), spool.event_ref(6)]
 
 
 async def test_concurrent_appends_share_commits_and_all_land(spool: Spool) -> None:

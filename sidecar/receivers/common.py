@@ -39,18 +39,22 @@ def spool_interactions(
     Returns their ids and the future of their commit. Redaction happens here, before
     anything is serialised, so a redacted value never reaches the disk.
     """
-    for item in items:
-        redact(item, may_hold_secrets)
+    if redact.applies(may_hold_secrets):
+        for item in items:
+            redact(item, may_hold_secrets)
     ids = spool.allocate_ids(len(items))
-    ref = spool.event_ref
-    payloads = [_stamp(item, ref(i)) for item, i in zip(items, ids, strict=True)]
+    payloads = _stamped(items, spool.event_refs(ids))
     return ids, spool.append(ids, payloads, idempotency_key)
 
 
-def _stamp(item: dict[str, Any], ref: str) -> bytes:
-    """Name the event inside its own metadata, so an upstream can drop redeliveries."""
-    metadata = item.get("metadata")
-    if metadata is None:
-        item["metadata"] = metadata = {}
-    metadata["sidecar_event_id"] = ref
-    return orjson.dumps(item)
+def _stamped(items: list[dict[str, Any]], refs: list[str]) -> list[bytes]:
+    """Name each event inside its own metadata, so an upstream can drop redeliveries."""
+    dumps = orjson.dumps
+    payloads = []
+    for item, ref in zip(items, refs, strict=True):
+        metadata = item.get("metadata")
+        if metadata is None:
+            item["metadata"] = metadata = {}
+        metadata["sidecar_event_id"] = ref
+        payloads.append(dumps(item))
+    return payloads

@@ -104,6 +104,12 @@ class RedactionStage:
             return None
         return holds_secret_trigger(body)
 
+    def applies(self, may_hold_secrets: bool | None) -> bool:
+        """Whether any rule can change an event of a body the pre-check decided on."""
+        if self.rules.rules:
+            return True
+        return self.secrets is not None and may_hold_secrets is not False
+
     def __call__(self, event: dict[str, Any], may_hold_secrets: bool | None = None) -> list[Hit]:
         hits: list[Hit] = []
         if may_hold_secrets is None and self.secrets is not None:

@@ -177,6 +177,10 @@ class Spool:
         """The event's name upstream: unique across sidecars, stable across retries."""
         return f"{self.spool_id}-{event_id}"
 
+    def event_refs(self, ids: list[int]) -> list[str]:
+        prefix = f"{self.spool_id}-"
+        return [f"{prefix}{event_id}" for event_id in ids]
+
     def is_full(self) -> bool:
         c = self.counts
         return c.events >= self.config.max_events or c.bytes >= self.config.max_bytes
