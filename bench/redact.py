@@ -19,6 +19,11 @@ How to read it
   - The hits per event are printed too: if they drop to 0, a detector stopped finding
     what the event holds and the figure is measuring nothing.
   - Figures on a shared or virtual machine move by 10-30 % between runs.
+  - Then the cost of each stage of the last configuration, each measured on its own (best
+    batch): the field rules, and the detectors rule on the event they leave, split into
+    the walk that collects its strings, joining them and making their shape, the finders,
+    and the rest (filing matches by string, rewriting, hits). Where to look when the
+    total moves.
 
 Run from the repository root:  python bench/redact.py [--duration 3]
 """
@@ -30,6 +35,7 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sidecar.redaction import DETECTORS, Redactor, build_redactor  # noqa: E402
+from sidecar.redaction.detectors import Text, scanner  # noqa: E402
+from sidecar.redaction.redactor import _Strings  # noqa: E402
 
 TARGET = 50_000
 HMAC_KEY = b"bench-redaction-hmac-key-0123456789"
@@ -131,6 +139,47 @@ def measure(redactor: Redactor, duration: float) -> tuple[float, float, float]:
     return statistics.median(rates), max(rates), hits / (BATCH * len(rates))
 
 
+def per_event(apply: Callable[[Any], object], event: Any, duration: float) -> float:
+    """Microseconds per call of ``apply`` on fresh copies of ``event`` (which it may change)
+    in the best batch: a neighbour's burst only ever adds time, and the stages are told
+    apart by subtraction, which the noise of a median would swamp."""
+    times: list[float] = []
+    spent = 0.0
+    while spent < duration:
+        batch = [copy.deepcopy(event) for _ in range(BATCH)]
+        start = time.perf_counter()
+        for item in batch:
+            apply(item)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        times.append(elapsed * 1e6 / BATCH)
+    return min(times)
+
+
+def stages(duration: float) -> list[tuple[str, float]]:
+    """Microseconds per event of each stage of the last configuration, measured apart."""
+    fields = build_redactor(FIELD_RULES, HMAC_KEY)
+    detectors = build_redactor([DEFAULT_DETECTORS], HMAC_KEY)
+    after_fields = copy.deepcopy(EVENT)
+    fields.redact(after_fields)
+    texts = _Strings(after_fields, None).texts
+    shaped = Text("\0".join(texts))
+    find = scanner(DEFAULT_DETECTORS["detectors"])
+    find(shaped)  # makes the shape once, as the first numeric finder does
+    rule = per_event(detectors.redact, after_fields, duration)
+    walk = per_event(lambda event: _Strings(event, None), after_fields, duration)
+    join = per_event(lambda _: Text("\0".join(texts)).shape, None, duration)
+    finders = per_event(lambda _: find(shaped), None, duration)
+    return [
+        ("field rules", per_event(fields.redact, EVENT, duration)),
+        ("detectors rule", rule),
+        ("  walk collecting the strings", walk),
+        ("  join + shape", join),
+        ("  finders", finders),
+        ("  rest: filing, rewriting, hits", rule - walk - join - finders),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per configuration")
@@ -151,6 +200,9 @@ def main() -> None:
         print(f"{label:36s} {rate:>18,.0f} {1e6 / rate:>9.2f} {best:>10,.0f} {hits:>11.1f}")
     verdict = "PASS" if rate >= TARGET else "MISS"
     print(f"\ntarget for the last (median): >= {TARGET:,} events/s ... {verdict}")
+    print("\nstages of the last, each measured on its own (us/event, best batch):")
+    for label, micros in stages(max(0.2, args.duration / 4)):
+        print(f"  {label:34s} {micros:>9.2f}")
 
 
 if __name__ == "__main__":

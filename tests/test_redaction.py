@@ -18,6 +18,7 @@ from sidecar.redaction import (
     build_redactor,
     paths,
 )
+from sidecar.redaction.detectors import Text, scanner
 
 KEY = b"test-hmac-key-0123456789abcdef"
 JWT = (
@@ -181,6 +182,70 @@ NEGATIVES = [
 ]
 
 
+# Cases for the faster ways the finders take (an ASCII local part stripped rather than
+# read by the regex, octets checked by one regex, colons paired before the seed regex,
+# the lead of a token compared before the regex).
+MORE_POSITIVES = [
+    ("email", "éjane@example.com", ["éjane@example.com"]),
+    ("email", "a\u00a0jane@example.com", ["jane@example.com"]),
+    ("email", "(jane@example.com)", ["jane@example.com"]),
+    ("email", "x" * 64 + "@example.com", ["x" * 64 + "@example.com"]),
+    ("email", "..jane@example.com", ["jane@example.com"]),
+    ("ipv4", "0.0.0.0 and 255.255.255.255", ["0.0.0.0", "255.255.255.255"]),
+    ("ipv4", "10.0.0.1\x0010.0.0.2", ["10.0.0.1", "10.0.0.2"]),
+    ("ipv4", "199.249.200.9", ["199.249.200.9"]),
+    ("ipv6", "at 12:30:45, then 2001:db8::1", ["2001:db8::1"]),
+    ("ipv6", "a:b: c:d:e: 2001:db8::7334", ["2001:db8::7334"]),
+    ("jwt", f"Jane J{JWT}", []),
+    ("jwt", f"Jane {JWT}", [JWT]),
+    ("github_token", "a_b gh_ ghx_ ghp_" + "aB3" * 12, ["ghp_" + "aB3" * 12]),
+    ("iban", "GB82 WEST 1234 5698 7654 32", ["GB82 WEST 1234 5698 7654 32"]),
+    ("iban", "NL91ABNA0417164300", ["NL91ABNA0417164300"]),
+]
+
+MORE_NEGATIVES = [
+    ("email", "x" * 65 + "@example.com"),
+    ("email", "..@example.com"),
+    ("ipv4", "10.0.0.256"),
+    ("ipv4", "1.2.3.04"),
+    ("ipv4", "300.1.1.1"),
+    ("ipv4", "x.1.2.3.4"),
+    ("ipv6", "12:30:45 and 10:20"),
+    ("iban", "NL91ABNA0417164301"),
+]
+
+
+@pytest.mark.parametrize(("detector", "text", "expected"), MORE_POSITIVES)
+def test_detector_finds_more(detector: str, text: str, expected: list[str]) -> None:
+    assert found(detector, text) == expected
+
+
+@pytest.mark.parametrize(("detector", "text"), MORE_NEGATIVES)
+def test_detector_leaves_more_near_misses(detector: str, text: str) -> None:
+    assert found(detector, text) == []
+
+
+def test_numeric_detectors_rule_out_a_text_without_digits() -> None:
+    text = "no digits here: only words, a @ and (parens) + signs"
+    assert not Text(text).has_digit
+    assert Text("one 7").has_digit
+    assert Text("٣ is not ASCII").has_digit is False
+    for name, detector in DETECTORS.items():
+        if detector.numeric:
+            assert detector.find(text) == [], name
+
+
+def test_the_scanner_finds_what_each_detector_finds() -> None:
+    """A rule's scanner runs the finders of all its detectors in one loop: the same spans,
+    labelled, by detector in the order named."""
+    text = " ".join(t for _, t, _ in POSITIVES)
+    names = ["phone", "email", "jwt", "credit_card", "iban", "ipv4", "ipv6", "us_ssn"]
+    expected = [(s, e, n) for n in names for s, e in DETECTORS[n].find(text)]
+    assert len(expected) > 20
+    assert scanner(names)(Text(text)) == expected
+    assert scanner(["ipv4", "email"])(Text("no digits a@b.co")) == [(10, 16, "email")]
+
+
 @pytest.mark.parametrize(("detector", "text", "expected"), POSITIVES)
 def test_detector_finds(detector: str, text: str, expected: list[str]) -> None:
     assert found(detector, text) == expected
@@ -292,6 +357,32 @@ def test_path_matching() -> None:
     ]
 
 
+def test_paths_of_names_and_wildcards_mixed() -> None:
+    ev = event(
+        a={"b": [{"c": {"d": 1}}, {"c": "no"}, "no", {"x": 1}, {"c": {"d": 2, "e": 3}}]},
+        m={"k1": {"s": 1}, "k2": "no", "k3": [], "k4": {"t": 2}, "k5": {"s": {"s": 3}}},
+    )
+    assert located("a.b[*].c.d", ev) == [(1, "a.b[0].c.d"), (2, "a.b[4].c.d")]
+    assert located("m.*.s", ev) == [(1, "m.k1.s"), ({"s": 3}, "m.k5.s")]
+    assert located("m.*.s.s", ev) == [(3, "m.k5.s.s")]
+    assert located("m.*", ev)[1] == ("no", "m.k2")
+    assert located("a.b", ev)[0][1] == "a.b"
+    assert located("a.b.c", ev) == []
+
+
+def test_holder_of_a_path_of_names() -> None:
+    ev = event(metadata={"a": {"b": "x"}, "s": "no"})
+    hold = paths.holder(paths.parse("metadata.a.b"))
+    assert hold is not None and hold(ev) is ev["metadata"]["a"]
+    hold = paths.holder(paths.parse("metadata.s.b"))
+    assert hold is not None and hold(ev) is None
+    hold = paths.holder(paths.parse("userId"))
+    assert hold is not None and hold(ev) is ev
+    assert paths.holder(paths.parse("metadata.*.b")) is None
+    assert paths.holder(paths.parse("toolCalls[*]")) is None
+    assert paths.render(paths.names_trail(("metadata", "a")), "b") == "metadata.a.b"
+
+
 @pytest.mark.parametrize(
     "path",
     ["nothing", "metadata.missing", "prompt.text", "metadata[*]", "toolCalls.name",
@@ -331,6 +422,23 @@ def test_remove_list_items_keeps_the_rest() -> None:
     redact([{"name": "all", "path": "toolCalls[*]", "action": "remove"},
             {"name": "tags", "path": "metadata.tags", "action": "remove"}], ev)
     assert ev["toolCalls"] == [] and ev["metadata"] == {}
+
+
+def test_rules_at_one_named_place() -> None:
+    rules: list[dict[str, Any]] = [
+        {"name": "gone", "path": "metadata.a.gone", "action": "remove"},
+        {"name": "m", "path": "metadata.a.keep", "action": "mask", "agent_ids": ["agent-1"]},
+        {"name": "o", "path": "metadata.a.keep", "action": "mask", "agent_ids": ["other"]},
+        {"name": "p", "path": "metadata.b", "action": "partial"},
+        {"name": "none", "path": "metadata.a.missing.x", "action": "mask"},
+    ]
+    ev = event(metadata={"a": {"gone": 1, "keep": "secret"}, "b": "0123456789"})
+    hits = redact(rules, ev)
+    assert ev["metadata"] == {"a": {"keep": "[REDACTED:m]"}, "b": "******6789"}
+    assert hits == [Hit("gone", "remove", "metadata.a.gone"), Hit("m", "mask", "metadata.a.keep"),
+                    Hit("p", "partial", "metadata.b")]
+    assert redact(rules, ev) == []
+    assert redact(rules, event(metadata="not an object")) == []
 
 
 @pytest.mark.parametrize(
@@ -461,6 +569,34 @@ def test_detectors_under_a_path_leave_the_rest() -> None:
     redact([{"name": "e", "path": "metadata.notes", "detectors": ["email"]}], ev)
     assert ev["prompt"] == "a@b.co"
     assert ev["metadata"] == {"notes": ["[REDACTED:email]"], "other": "e@f.net"}
+
+
+def test_matches_in_every_string_land_in_their_place() -> None:
+    """Matches are found in the joined strings and filed back by string: past the first
+    string, past strings holding a NUL themselves, past agentId between the others."""
+    ev = {"prompt": "a@b.co", "agentId": "x@y.co", "metadata": {"n": "\0\0", "m": "c@d.org"},
+          "response": "say \0 e@f.net", "toolCalls": [{"o": ["g@h.io", "x", "i@j.dev"]}]}
+    hits = redact([{"name": "e", "detectors": ["email"]}], ev)
+    assert ev == {
+        "prompt": "[REDACTED:email]", "agentId": "x@y.co",
+        "metadata": {"n": "\0\0", "m": "[REDACTED:email]"}, "response": "say \0 [REDACTED:email]",
+        "toolCalls": [{"o": ["[REDACTED:email]", "x", "[REDACTED:email]"]}],
+    }
+    assert [h.path for h in hits] == [
+        "prompt", "response", "toolCalls[0].o[0]", "toolCalls[0].o[2]", "metadata.m",
+    ]
+
+
+def test_matches_under_a_path_land_in_their_place() -> None:
+    ev = event(metadata={"a": "x a@b.co", "b": {"c": ["d@e.io", 1, "f@g.io"]}, "h": "i@j.io"})
+    hits = redact([{"name": "e", "path": "metadata.*", "detectors": ["email"],
+                    "action": "partial", "keep_last": 2},
+                   {"name": "n", "path": "metadata.*", "patterns": ["x"]}], ev)
+    assert ev["metadata"] == {"a": "[REDACTED:n] ****co", "b": {"c": ["****io", 1, "****io"]},
+                              "h": "****io"}
+    assert [h.path for h in hits] == [
+        "metadata.a", "metadata.h", "metadata.b.c[0]", "metadata.b.c[2]", "metadata.a",
+    ]
 
 
 def test_detectors_never_touch_agent_id() -> None:

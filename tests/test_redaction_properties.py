@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.redaction import DETECTORS, build_redactor
+from sidecar.redaction.detectors import Text, scanner
 from sidecar.redaction.paths import compile_path, parse
 
 KEY = b"property-test-hmac-key-0123456789"
@@ -223,3 +224,55 @@ def test_redacting_twice_is_redacting_once(
     once = copy.deepcopy(event)
     assert redactor.redact(event) == []
     assert event == once
+
+
+# Text near what the detectors look for: digits with separators, hex and colons, the
+# letters of the credential prefixes, and the secrets themselves.
+near_misses = st.lists(
+    st.one_of(
+        st.sampled_from(SECRETS),
+        st.text("0123456789 .-()+", max_size=16),
+        st.text("0123456789abcdefABCDEF:.", max_size=12),
+        st.text("ghpousr_xoxbsk-KIASJey0123456789@.é\\n", max_size=12),
+        plain_text,
+    ),
+    max_size=8,
+).map("".join)
+
+
+@PROPERTY_SETTINGS
+@given(near_misses, st.permutations(list(DETECTORS)))
+def test_a_scanner_finds_what_its_detectors_find(text: str, names: list[str]) -> None:
+    """A rule runs the finders of all its detectors in one loop over one Text."""
+    expected = [(s, e, name) for name in names for s, e in DETECTORS[name].find(text)]
+    assert scanner(names)(Text(text)) == expected
+
+
+def _strings_of(value: Any, top: bool = False) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() if not (top and k == "agentId")
+                for s in _strings_of(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings_of(v)]
+    return []
+
+
+@PROPERTY_SETTINGS
+@given(interactions, st.sampled_from(["mask", "partial", "hash"]))
+def test_each_string_is_redacted_as_if_alone(event: dict[str, Any], action: str) -> None:
+    """The strings of an event are scanned joined: every match must land back in its own
+    string, at its own place, whatever the strings before it."""
+    rules = [{"name": "all", "detectors": list(DETECTORS), "action": action}]
+    redactor = build_redactor(rules, KEY)
+    before = _strings_of(event, top=True)
+    expected = []
+    for text in before:
+        alone = {"agentId": "a", "prompt": text, "response": ""}
+        redactor.redact(alone)
+        expected.append(alone["prompt"])
+    hits = redactor.redact(event)
+    assert _strings_of(event, top=True) == expected
+    assert len(hits) == sum(len(build_redactor(rules, KEY).redact(
+        {"agentId": "a", "prompt": text, "response": ""})) for text in before)

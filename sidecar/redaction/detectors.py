@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Span = tuple[int, int]
@@ -54,9 +54,27 @@ class Text:
             self._shape = self.text.encode("ascii", "replace").translate(_SHAPE_TABLE)
         return self._shape
 
+    @property
+    def has_digit(self) -> bool:
+        """Whether the text holds an ASCII digit, which every numeric detector needs.
+
+        Ten memchr cost less than the shape, which a text without digits never needs.
+        """
+        text = self.text
+        # A loop, not any(): a generator costs more than the searches here.
+        for digit in string.digits:  # noqa: SIM110
+            if digit in text:
+                return True
+        return False
+
 
 Finder = Callable[[Text], list[Span]]
-Check = Callable[[Text, int, int], Span | None]
+# Checks of a candidate: given the text (and for the numeric detectors its shape) and
+# where the regex matched, the span to keep, or None. They take the text rather than a
+# Text: a property lookup costs as much as a few comparisons, and they run on every
+# candidate.
+TextCheck = Callable[[str, int, int], Span | None]
+ShapeCheck = Callable[[str, bytes, int, int], Span | None]
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,15 @@ class Detector:
     name: str
     finders: tuple[Finder, ...]
     secret: bool = False
+    # Every match holds an ASCII digit: a text without any is ruled out at once.
+    numeric: bool = False
 
     def find(self, text: str) -> list[Span]:
         return self.find_in(Text(text))
 
     def find_in(self, text: Text) -> list[Span]:
+        if self.numeric and not text.has_digit:
+            return []
         if len(self.finders) == 1:
             return self.finders[0](text)
         spans: list[Span] = []
@@ -77,12 +99,17 @@ class Detector:
         return spans
 
 
-def _in_text(needle: str, pattern: str, check: Check, *, back: int = 0, gate: str = "") -> Finder:
+def _in_text(
+    needle: str, pattern: str, check: TextCheck, *, back: int = 0, gate: str = "", lead: str = ""
+) -> Finder:
     """Matches of ``pattern`` where ``needle`` occurs ``back`` characters into them.
 
     ``gate`` is a rare character of the needle: ``in`` rules a text out faster than ``find``.
+    ``lead`` is what the matches start with, when the needle comes after it: comparing
+    it rules most needles out for less than the regex call costs.
     """
     regex = re.compile(pattern)
+    lead_end = len(lead) - back
 
     def find(t: Text) -> list[Span]:
         text = t.text
@@ -91,25 +118,27 @@ def _in_text(needle: str, pattern: str, check: Check, *, back: int = 0, gate: st
         spans: list[Span] = []
         i = text.find(needle, back)
         while i >= 0:
-            m = regex.match(text, i - back)
+            start = i - back
+            m = None if lead and text[start : i + lead_end] != lead else regex.match(text, start)
             if m is None:
                 i = text.find(needle, i + 1)
                 continue
-            span = check(t, *m.span())
+            end = m.end()
+            span = check(text, start, end)
             if span is not None:
                 spans.append(span)
-            i = text.find(needle, max(i + 1, m.end() + back))
+            i = text.find(needle, max(i + 1, end + back))
         return spans
 
     return find
 
 
-def _in_shape(needle: bytes, pattern: bytes, check: Check) -> Finder:
+def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
     """Matches of ``pattern`` in the shape, each starting with ``needle``."""
     regex = re.compile(pattern)
 
     def find(t: Text) -> list[Span]:
-        shape = t.shape
+        shape, text = t.shape, t.text
         spans: list[Span] = []
         i = shape.find(needle)
         while i >= 0:
@@ -117,12 +146,13 @@ def _in_shape(needle: bytes, pattern: bytes, check: Check) -> Finder:
             if m is None:
                 i = shape.find(needle, i + 1)
                 continue
-            span = check(t, *m.span())
+            end = m.end()
+            span = check(text, shape, i, end)
             if span is not None:
                 spans.append(span)
             # Past the whole match even when refused: a match starting inside it would be
             # glued to the digits before it (a long digit run holds no card).
-            i = shape.find(needle, m.end())
+            i = shape.find(needle, end)
         return spans
 
     return find
@@ -133,15 +163,14 @@ def _after_escape(text: str, start: int) -> bool:
     return start >= 2 and text[start - 2] == "\\" and text[start - 1] in "ntrbf"
 
 
-def _glued_before(t: Text, start: int) -> bool:
-    return start > 0 and t.shape[start - 1] in _SHAPE_WORD and not _after_escape(t.text, start)
+def _glued_before(text: str, shape: bytes, start: int) -> bool:
+    return start > 0 and shape[start - 1] in _SHAPE_WORD and not _after_escape(text, start)
 
 
-def _isolated(t: Text, start: int, end: int, joiners: str) -> bool:
+def _isolated(text: str, shape: bytes, start: int, end: int, joiners: str) -> bool:
     """Not glued to a word, nor to more digits across a joiner (``v1.2.3.4.5``, ``1-2``)."""
-    shape, text = t.shape, t.text
     if start > 0:
-        if _glued_before(t, start):
+        if shape[start - 1] in _SHAPE_WORD and not _after_escape(text, start):
             return False
         if text[start - 1] in joiners and start > 1 and shape[start - 2] == _DIGIT:
             return False
@@ -164,12 +193,23 @@ _LOCAL_REVERSED = re.compile(rf"[\w.%+-]{{1,{_MAX_LOCAL + 1}}}")
 _DOMAIN = re.compile(r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w-])")
 
 
+_LOCAL_ASCII = string.ascii_letters + string.digits + "_.%+-"
+
+
 def _local_start(text: str, at: int) -> int | None:
-    m = _LOCAL_REVERSED.match(text[max(0, at - _MAX_LOCAL - 1) : at][::-1])
+    before = text[max(0, at - _MAX_LOCAL - 1) : at]
+    # The characters of a local part, if all ASCII, are stripped faster than the regex
+    # reads them; a non-ASCII letter before them may be one more (\w), for the regex.
+    rest = before.rstrip(_LOCAL_ASCII)
+    if rest and not rest[-1].isascii():
+        m = _LOCAL_REVERSED.match(before[::-1])
+        length = 0 if m is None else m.end()
+    else:
+        length = len(before) - len(rest)
     # No local part: an '@' after a space is a decorator or a mention, not an address.
-    if m is None or m.end() > _MAX_LOCAL:
+    if not length or length > _MAX_LOCAL:
         return None
-    start = at - m.end()
+    start = at - length
     while text[start] == ".":
         start += 1
     return start if start < at else None
@@ -195,9 +235,8 @@ def _find_emails(t: Text) -> list[Span]:
 _MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15  # E.164 allows at most 15
 
 
-def _international_phone(t: Text, start: int, end: int) -> Span | None:
-    shape = t.shape
-    if _glued_before(t, start):
+def _international_phone(text: str, shape: bytes, start: int, end: int) -> Span | None:
+    if _glued_before(text, shape, start):
         return None
     digits = shape.count(b"0", start, end)
     # Too many digits, or glued to a word: what follows the phone number ("... 0132 123456",
@@ -211,11 +250,10 @@ def _international_phone(t: Text, start: int, end: int) -> Span | None:
     return (start, end) if digits >= _MIN_PHONE_DIGITS else None
 
 
-def _national_phone(t: Text, start: int, end: int) -> Span | None:
-    text = t.text
+def _national_phone(text: str, shape: bytes, start: int, end: int) -> Span | None:
     # After "+1 " or "+44 (0)" it is the rest of an international number, found as such.
     plus = text.rfind("+", max(0, start - 8), start)
-    if plus >= 0 and t.shape[plus + 1] == _DIGIT and not t.shape[plus + 1 : start].strip(b"0-()"):
+    if plus >= 0 and shape[plus + 1] == _DIGIT and not shape[plus + 1 : start].strip(b"0-()"):
         return None
     # "1-800-555-1234": the trunk prefix belongs to the number.
     trunk = start - 2
@@ -224,28 +262,28 @@ def _national_phone(t: Text, start: int, end: int) -> Span | None:
         and text[trunk] == "1"
         and text[start - 1] in " .-"
         and text[trunk - 1 : trunk] != "+"
-        and _isolated(t, trunk, end, ".-+")
+        and _isolated(text, shape, trunk, end, ".-+")
     ):
         return trunk, end
-    return (start, end) if _isolated(t, start, end, ".-+") else None
+    return (start, end) if _isolated(text, shape, start, end, ".-+") else None
 
 
 # -- credit cards ----------------------------------------------------------------------
 
 # Every second digit from the right is doubled; the digits of the double always add up to
-# one digit, so a translation does it.
-_LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")
+# one digit, so a translation does it (of bytes: a str translation goes through a dict).
+_LUHN_DOUBLE = bytes.maketrans(b"0123456789", b"0246813579")
 
 
 def _luhn(digits: str) -> bool:
-    summed = digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLE)
-    return (sum(summed.encode()) - 48 * len(summed)) % 10 == 0
+    ascii_digits = digits.encode()
+    summed = ascii_digits[-1::-2] + ascii_digits[-2::-2].translate(_LUHN_DOUBLE)
+    return (sum(summed) - 48 * len(summed)) % 10 == 0
 
 
-def _card(t: Text, start: int, end: int) -> Span | None:
-    text = t.text
+def _card(text: str, shape: bytes, start: int, end: int) -> Span | None:
     # Major networks start with 2-6; excluding 1 also spares 13-digit millisecond timestamps.
-    if text[start] not in "23456" or not _isolated(t, start, end, ".-"):
+    if text[start] not in "23456" or not _isolated(text, shape, start, end, ".-"):
         return None
     digits = text[start:end]
     if not digits.isdigit():
@@ -257,11 +295,11 @@ def _card(t: Text, start: int, end: int) -> Span | None:
     return (start, end) if _luhn(digits) else None
 
 
-def _grouped_card(t: Text, start: int, end: int) -> Span | None:
-    span = _card(t, start, end)
+def _grouped_card(text: str, shape: bytes, start: int, end: int) -> Span | None:
+    span = _card(text, shape, start, end)
     # A 4-4-4-4 card followed by " 123" matched as a 19-digit 4-4-4-4-3 one.
     if span is None and end - start == 23:
-        span = _card(t, start, end - 4)
+        span = _card(text, shape, start, end - 4)
     return span
 
 
@@ -283,12 +321,12 @@ _IBAN_LENGTHS = {
 
 # For the mod-97 check letters count as two-digit numbers, A = 10 to Z = 35.
 _IBAN_DIGITS = str.maketrans({c: str(10 + i) for i, c in enumerate(string.ascii_uppercase)})
+_COUNTRY_DIGITS = {country: country.translate(_IBAN_DIGITS) for country in _IBAN_LENGTHS}
 
 
-def _iban(t: Text, start: int, end: int) -> Span | None:
-    text = t.text
+def _iban(text: str, shape: bytes, start: int, end: int) -> Span | None:
     length = _IBAN_LENGTHS.get(text[start : start + 2])
-    if length is None or _glued_before(t, start):
+    if length is None or _glued_before(text, shape, start):
         return None
     written = text[start:end]
     if "-" in written or "." in written:
@@ -299,42 +337,45 @@ def _iban(t: Text, start: int, end: int) -> Span | None:
     if len(code) < length:
         return None
     cut = start + length + ((length - 1) // 4 if " " in written else 0)
-    if text[start:cut].replace(" ", "") != code or (
-        cut < len(text) and t.shape[cut] in _SHAPE_WORD
-    ):
+    if text[start:cut].replace(" ", "") != code or (cut < len(text) and shape[cut] in _SHAPE_WORD):
         return None
-    number = (code[4:] + code[:4]).translate(_IBAN_DIGITS)
+    # Moved to the end, the country code becomes digits too; most account numbers are
+    # digits already, which spares the (slow, one to two characters) translation.
+    bban = code[4:]
+    if not bban.isdigit():
+        bban = bban.translate(_IBAN_DIGITS)
+    number = bban + _COUNTRY_DIGITS[code[:2]] + code[2:4]
     return (start, cut) if int(number) % 97 == 1 else None
 
 
 # -- US social security numbers ------------------------------------------------------
 
 
-def _us_ssn(t: Text, start: int, end: int) -> Span | None:
-    text = t.text
+def _us_ssn(text: str, shape: bytes, start: int, end: int) -> Span | None:
     if text[start + 3] != "-" or text[start + 6] != "-":
         return None
     area, group, serial = text[start : start + 3], text[start + 4 : start + 6], text[end - 4 : end]
     if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
         return None
-    return (start, end) if _isolated(t, start, end, ".-") else None
+    return (start, end) if _isolated(text, shape, start, end, ".-") else None
 
 
 # -- IP addresses ----------------------------------------------------------------------
 
 
-def _ipv4(t: Text, dot: int, end: int) -> Span | None:
-    """The regex matched from the first dot; the first octet is just before it."""
-    text = t.text
-    start = dot
-    while start > 0 and "0" <= text[start - 1] <= "9" and dot - start < 3:
-        start -= 1
-    if start == dot or not _isolated(t, start, end, "."):
+# An octet, 0 to 255 without a leading zero; four of them are an address.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
+def _ipv4(text: str, shape: bytes, dot: int, end: int) -> Span | None:
+    """The regex matched from the first dot; the first octet is the (up to three) digits
+    just before it."""
+    before = shape[max(0, dot - 3) : dot]
+    start = dot - (len(before) - len(before.rstrip(b"0")))
+    if start == dot or not _isolated(text, shape, start, end, "."):
         return None
-    for octet in text[start:end].split("."):
-        if int(octet) > 255 or (len(octet) > 1 and octet[0] == "0"):
-            return None
-    return start, end
+    return (start, end) if _IPV4.fullmatch(text, start, end) else None
 
 
 # Dots are too common for a needle; the regex engine's own search for a leading literal
@@ -343,7 +384,17 @@ _IPV4_TAIL = re.compile(r"\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 def _find_ipv4(t: Text) -> list[Span]:
-    return [s for m in _IPV4_TAIL.finditer(t.text) if (s := _ipv4(t, *m.span())) is not None]
+    shape = t.shape
+    # Every match holds a digit, a dot and a digit: ruled out by one search of the shape.
+    if b"0-0" not in shape:
+        return []
+    text = t.text
+    spans: list[Span] = []
+    for m in _IPV4_TAIL.finditer(text):
+        span = _ipv4(text, shape, *m.span())
+        if span is not None:
+            spans.append(span)
+    return spans
 
 
 _V6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
@@ -399,8 +450,13 @@ def _find_ipv6(t: Text) -> list[Span]:
     spans: list[Span] = []
     colon = text.find(":")
     while colon != -1:
-        if not _V6_SEED.match(text, colon):
-            colon = text.find(":", colon + 1)
+        # A seed is a colon, at most four hex digits and a colon: looking for the next
+        # colon first rules out most colons (of times, labels, URLs) without the regex.
+        after = text.find(":", colon + 1)
+        if after == -1:
+            break
+        if after - colon > 5 or not _V6_SEED.match(text, colon):
+            colon = after
             continue
         start, end = _ipv6_run(text, colon)
         span = _ipv6_in(text, start, end)
@@ -413,29 +469,27 @@ def _find_ipv6(t: Text) -> list[Span]:
 # -- credentials -----------------------------------------------------------------------
 
 
-def _token_start(t: Text, start: int, end: int) -> Span | None:
+def _token_start(text: str, start: int, end: int) -> Span | None:
     """A credential starts a token: ``task-based`` holds no ``sk-`` key."""
-    text = t.text
     if start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start):
         return None
     return start, end
 
 
-def _token_with_digit(t: Text, start: int, end: int) -> Span | None:
+def _token_with_digit(text: str, start: int, end: int) -> Span | None:
     """Generated keys hold a digit; ``sk-some-long-hyphenated-phrase`` does not."""
-    if _ANY_DIGIT.search(t.text, start, end) is None:
+    if _ANY_DIGIT.search(text, start, end) is None:
         return None
-    return _token_start(t, start, end)
+    return _token_start(text, start, end)
 
 
-def _alnum_token(t: Text, start: int, end: int) -> Span | None:
-    text = t.text
+def _alnum_token(text: str, start: int, end: int) -> Span | None:
     if start > 0 and text[start - 1] in _ALNUM and not _after_escape(text, start):
         return None
     return None if end < len(text) and text[end] in _ALNUM else (start, end)
 
 
-def _whole(t: Text, start: int, end: int) -> Span | None:
+def _whole(text: str, start: int, end: int) -> Span | None:
     return start, end
 
 
@@ -447,8 +501,10 @@ _END = r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
 # -- the catalogue ---------------------------------------------------------------------
 
 
-def _detector(name: str, *finders: Finder, secret: bool = False) -> Detector:
-    return Detector(name, finders, secret)
+def _detector(
+    name: str, *finders: Finder, secret: bool = False, numeric: bool = False
+) -> Detector:
+    return Detector(name, finders, secret, numeric)
 
 
 _ALL = (
@@ -458,6 +514,7 @@ _ALL = (
         _in_shape(b"+", rb"\+0{1,3}(?:-?(?:\(0{1,4}\)|0{1,6})){1,7}", _international_phone),
         _in_shape(b"(000)", rb"\(000\)-?000-0000", _national_phone),
         _in_shape(b"000-000-0000", rb"000-000-0000", _national_phone),
+        numeric=True,
     ),
     _detector(
         "credit_card",
@@ -465,14 +522,25 @@ _ALL = (
         # 4-4-4-1..4 and 4-4-4-4-3, then 4-6-5 and 4-6-4 (Amex, Diners).
         _in_shape(b"0000-0000-0000", rb"0000-0000-0000-0{1,4}(?:-000)?", _grouped_card),
         _in_shape(b"0000-000000-0000", rb"0000-000000-0{4,5}", _card),
+        numeric=True,
     ),
-    _detector("iban", _in_shape(b"AA00", rb"AA00(?:-?[A0]{4}){2,7}(?:-?[A0]{1,4})?", _iban)),
-    _detector("us_ssn", _in_shape(b"000-00-0000", rb"000-00-0000", _us_ssn)),
-    _detector("ipv4", _find_ipv4),
+    _detector(
+        "iban",
+        _in_shape(b"AA00", rb"AA00(?:-?[A0]{4}){2,7}(?:-?[A0]{1,4})?", _iban),
+        numeric=True,
+    ),
+    _detector("us_ssn", _in_shape(b"000-00-0000", rb"000-00-0000", _us_ssn), numeric=True),
+    _detector("ipv4", _find_ipv4, numeric=True),
     _detector("ipv6", _find_ipv6),
     _detector(
         "jwt",
-        _in_text("J", rf"eyJ{_B64URL}{{2,}}\.{_B64URL}{{2,}}\.{_B64URL}*", _token_start, back=2),
+        _in_text(
+            "J",
+            rf"eyJ{_B64URL}{{2,}}\.{_B64URL}{{2,}}\.{_B64URL}*",
+            _token_start,
+            back=2,
+            lead="ey",
+        ),
         secret=True,
     ),
     _detector(
@@ -482,18 +550,20 @@ _ALL = (
     ),
     _detector(
         "openai_key",
-        _in_text("sk-", r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", _token_with_digit),
+        _in_text(
+            "sk-", r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", _token_with_digit, gate="k"
+        ),
         secret=True,
     ),
     _detector(
         "aws_access_key",
-        _in_text("AKIA", r"AKIA[A-Z0-9]{16}", _alnum_token),
-        _in_text("ASIA", r"ASIA[A-Z0-9]{16}", _alnum_token),
+        _in_text("AKIA", r"AKIA[A-Z0-9]{16}", _alnum_token, gate="K"),
+        _in_text("ASIA", r"ASIA[A-Z0-9]{16}", _alnum_token, gate="S"),
         secret=True,
     ),
     _detector(
         "github_token",
-        _in_text("_", r"gh[pousr]_[A-Za-z0-9]{36,}", _token_start, back=3),
+        _in_text("_", r"gh[pousr]_[A-Za-z0-9]{36,}", _token_start, back=3, lead="gh"),
         _in_text("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", _token_start, gate="_"),
         secret=True,
     ),
@@ -505,10 +575,34 @@ _ALL = (
     # Without an END line (a truncated paste) everything after BEGIN is key material.
     _detector(
         "private_key",
-        _in_text("-----BEGIN", rf"{_BEGIN}(?:[^\x00]*?{_END}|[^\x00]*)", _whole),
+        _in_text("-----BEGIN", rf"{_BEGIN}(?:[^\x00]*?{_END}|[^\x00]*)", _whole, gate="G"),
         secret=True,
     ),
 )
 
 DETECTORS: dict[str, Detector] = {d.name: d for d in _ALL}
 SECRET_DETECTORS: tuple[str, ...] = tuple(d.name for d in _ALL if d.secret)
+
+Found = tuple[int, int, str]  # start, end, the name of the detector
+
+
+def scanner(names: Iterable[str]) -> Callable[[Text], list[Found]]:
+    """What the named detectors find in a text, by detector in the order named: as their
+    ``find_in`` would, with the finders of all of them in one loop and the text looked at
+    for digits once."""
+    chosen = [DETECTORS[name] for name in names]
+    finders = [(finder, d.name, d.numeric) for d in chosen for finder in d.finders]
+    numeric = any(d.numeric for d in chosen)
+
+    def scan(text: Text) -> list[Found]:
+        found: list[Found] = []
+        digits = numeric and text.has_digit
+        for finder, name, needs_digit in finders:
+            if needs_digit and not digits:
+                continue
+            spans = finder(text)
+            if spans:
+                found += [(start, end, name) for start, end in spans]
+        return found
+
+    return scan

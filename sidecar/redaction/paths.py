@@ -10,7 +10,7 @@ part of the name. A trail is the way down to the container as nested pairs
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 ANY_KEY = "*"
@@ -74,15 +74,18 @@ def compile_path(steps: Steps) -> Locator:
     """A function returning every slot the steps select in an event; a missing key or a
     value of another type selects none.
 
-    Made once per rule, as a chain of small functions, one per step, so following a
-    path does no interpretation of it; a single name, the commonest path, is one lookup.
+    Made once per rule, as a chain of small functions, one per wildcard or run of names,
+    so following a path does no interpretation of it; a single name, the commonest path,
+    is one lookup.
     """
     if len(steps) == 1 and steps[0] not in (ANY_KEY, ANY_ITEM):
         name = steps[0]
         return lambda root: [(root, name, root[name], ())] if name in root else []
     handler: _Handler | None = None
-    for step in reversed(steps):
-        handler = _handler(step, handler)
+    takes: type = object
+    for run in reversed(_runs(steps)):
+        handler = _handler(run, handler, takes)
+        takes = list if run == (ANY_ITEM,) else dict
     assert handler is not None
     first = handler
 
@@ -94,38 +97,91 @@ def compile_path(steps: Steps) -> Locator:
     return locate
 
 
-def _handler(step: str, then: _Handler | None) -> _Handler:
-    """One step: select children of a value, then hand each to the next step (or keep it,
-    after the last step)."""
+def _runs(steps: Steps) -> list[Steps]:
+    """Each wildcard on its own, and consecutive names together."""
+    runs: list[Steps] = []
+    for step in steps:
+        if step in (ANY_KEY, ANY_ITEM) or not runs or runs[-1][-1] in (ANY_KEY, ANY_ITEM):
+            runs.append((step,))
+        else:
+            runs[-1] += (step,)
+    return runs
+
+
+def holder(steps: Steps) -> Callable[[dict[str, Any]], dict[str, Any] | None] | None:
+    """For a path of names only (the commonest), a function giving the object that holds
+    its last name, or None where the path leads nowhere; None for a path with wildcards."""
+    if ANY_KEY in steps or ANY_ITEM in steps:
+        return None
+    parents = steps[:-1]
+
+    def hold(root: dict[str, Any]) -> dict[str, Any] | None:
+        value = root
+        for name in parents:
+            if name not in value:
+                return None
+            child = value[name]
+            if not isinstance(child, dict):
+                return None
+            value = child
+        return value
+
+    return hold
+
+
+def names_trail(names: Steps) -> Trail:
+    """The trail of the object reached by following names from the top."""
+    trail: Trail = ()
+    for name in names:
+        trail = (trail, name)
+    return trail
+
+
+def _handler(run: Steps, then: _Handler | None, takes: type) -> _Handler:
+    """One wildcard or run of names: select children of a value, then hand each to the
+    next step (or keep it, after the last). ``takes`` is the type the next step looks
+    into: a child of any other type is passed over here, saving two calls for each."""
 
     def select(value: Any, trail: Trail, found: list[Slot], key: Any, child: Any) -> None:
         if then is None:
             found.append((value, key, child, trail))
-        else:
+        elif isinstance(child, takes):
             then(child, (trail, key), found)
 
-    if step == ANY_ITEM:
+    def select_all(value: Any, trail: Trail, found: list[Slot], children: Iterable[Any]) -> None:
+        if then is None:
+            found += [(value, key, child, trail) for key, child in children]
+        else:
+            for key, child in children:
+                if isinstance(child, takes):
+                    then(child, (trail, key), found)
+
+    if run == (ANY_ITEM,):
 
         def items(value: Any, trail: Trail, found: list[Slot]) -> None:
             if isinstance(value, list):
-                for i, item in enumerate(value):
-                    select(value, trail, found, i, item)
+                select_all(value, trail, found, enumerate(value))
 
         return items
-    if step == ANY_KEY:
+    if run == (ANY_KEY,):
 
         def keys(value: Any, trail: Trail, found: list[Slot]) -> None:
             if isinstance(value, dict):
-                for key, child in value.items():
-                    select(value, trail, found, key, child)
+                select_all(value, trail, found, value.items())
 
         return keys
+    *parents, last = run
 
-    def name(value: Any, trail: Trail, found: list[Slot]) -> None:
-        if isinstance(value, dict) and step in value:
-            select(value, trail, found, step, value[step])
+    def names(value: Any, trail: Trail, found: list[Slot]) -> None:
+        for name in parents:
+            if not isinstance(value, dict) or name not in value:
+                return
+            trail = (trail, name)
+            value = value[name]
+        if isinstance(value, dict) and last in value:
+            select(value, trail, found, last, value[last])
 
-    return name
+    return names
 
 
 def selects_top_field(steps: Steps, field: str) -> bool:

@@ -16,14 +16,16 @@ import bisect
 import hashlib
 import itertools
 import json
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from sidecar.redaction import paths
-from sidecar.redaction.detectors import DETECTORS, Detector, Text
+from sidecar.redaction import detectors, paths
+from sidecar.redaction.detectors import Text
 from sidecar.redaction.rules import RedactionError, Rule, parse_rules
 
 # What redaction writes: found again in a text, it is left alone, which makes redacting
@@ -128,99 +130,144 @@ def _partial(text: str, keep_last: int) -> str:
     return "*" * (len(text) - keep) + text[len(text) - keep :]
 
 
-_PLUS_ONE = (1).__add__
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)
+_CONTAINERS = (dict, list)
 
 
 class _Strings:
     """The strings of (part of) an event, where each lives, and their joined text."""
 
-    __slots__ = ("_joined", "_starts", "slots", "texts")
+    __slots__ = ("_joined", "_nuls", "slots", "texts")
 
-    def __init__(self, starts: list[paths.Slot]) -> None:
+    def __init__(self, event: dict[str, Any], located: list[paths.Slot] | None) -> None:
+        """The strings of ``event`` but agentId, or of the ``located`` slots in it."""
         self.slots: list[tuple[Any, Any, paths.Trail]] = []  # container, key, its trail
         self.texts: list[str] = []
         self._joined: Text | None = None
-        self._starts: list[int] = []
-        slots, texts = self.slots, self.texts
+        self._nuls: list[int] = []  # where the NUL after each string is, once needed
+        # Bound once: this loop visits every value of the event.
+        add_slot, add_text = self.slots.append, self.texts.append
         # Iterative: a deeply nested event must not hit the recursion limit.
         stack: list[tuple[Any, paths.Trail]] = []
-        for container, key, value, trail in starts:
-            if isinstance(value, str):
-                slots.append((container, key, trail))
-                texts.append(value)
-            elif isinstance(value, dict | list):
-                stack.append((value, (trail, key)))
+        push = stack.append
+        key: Any
+        if located is None:
+            for key, value in event.items():
+                if isinstance(value, str):
+                    if key != "agentId":
+                        add_slot((event, key, ()))
+                        add_text(value)
+                elif isinstance(value, _CONTAINERS) and key != "agentId":
+                    push((value, ((), key)))
+        else:
+            for container, key, value, trail in located:
+                if isinstance(value, str):
+                    add_slot((container, key, trail))
+                    add_text(value)
+                elif isinstance(value, _CONTAINERS):
+                    push((value, (trail, key)))
         while stack:
             node, trail = stack.pop()
             for key, value in node.items() if isinstance(node, dict) else enumerate(node):
                 if isinstance(value, str):
-                    slots.append((node, key, trail))
-                    texts.append(value)
-                elif isinstance(value, dict | list):
-                    stack.append((value, (trail, key)))
+                    add_slot((node, key, trail))
+                    add_text(value)
+                elif isinstance(value, _CONTAINERS):
+                    push((value, (trail, key)))
 
     def joined(self) -> Text:
         if self._joined is None:
             self._joined = Text("\0".join(self.texts))
-            self._starts = []
+            self._nuls = []
         return self._joined
 
     def split(self, spans: list[Span], found: dict[int, list[Span]]) -> None:
         """Spans in the joined text, filed by string and made relative to it."""
-        if not self._starts:
-            lengths = map(_PLUS_ONE, map(len, self.texts))  # each text and its NUL
-            self._starts = list(itertools.accumulate(lengths, initial=0))
-        starts = self._starts
+        # Most spans lie in the first string (the prompt, of a whole event): where the
+        # others start is worked out only when a span lies beyond it.
+        first = len(self.texts[0])
         for start, end, label in spans:
-            i = bisect.bisect_right(starts, start) - 1
-            offset = starts[i]
+            if start < first:
+                found.setdefault(0, []).append((start, end, label))
+                continue
+            if not self._nuls:
+                lengths = map(len, self.texts)
+                self._nuls = [n + i for i, n in enumerate(itertools.accumulate(lengths))]
+            # A span lies in the string after the last NUL before it (never on a NUL).
+            i = bisect.bisect_left(self._nuls, start)
+            offset = self._nuls[i - 1] + 1
             found.setdefault(i, []).append((start - offset, end - offset, label))
 
-    def replace(self, i: int, text: str) -> None:
-        container, key, _ = self.slots[i]
+    def replace(self, i: int, text: str) -> tuple[Any, paths.Trail]:
+        """Put ``text`` in place of string ``i``; its key and its container's trail."""
+        container, key, trail = self.slots[i]
         container[key] = text
         self.texts[i] = text
         self._joined = None
+        return key, trail
 
 
 def _merged(spans: list[Span]) -> list[Span]:
     """Overlapping spans as one (the union: never leave part of a match in clear)."""
     if len(spans) == 1:
         return spans
-    spans.sort(key=lambda s: (s[0], -s[1]))
-    merged = [spans[0]]
-    for start, end, label in spans[1:]:
-        last_start, last_end, last_label = merged[-1]
-        if start < last_end:
-            if end > last_end:
-                merged[-1] = (last_start, end, last_label)
+    # By start, the longest first, else in the order found: two stable sorts by C key
+    # functions cost less than one by a Python one.
+    spans.sort(key=_END, reverse=True)
+    spans.sort(key=_START)
+    merged: list[Span] = []
+    last_end = -1
+    for span in spans:
+        if span[0] < last_end:
+            if span[1] > last_end:
+                last_end = span[1]
+                last = merged[-1]
+                merged[-1] = (last[0], last_end, last[2])
         else:
-            merged.append((start, end, label))
+            merged.append(span)
+            last_end = span[1]
     return merged
 
 
 def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
-    if "[REDACTED:" not in text and "hmac:" not in text:
+    # Every marker holds a colon: one memchr rules most texts out.
+    if ":" not in text or ("[REDACTED:" not in text and "hmac:" not in text):
         return spans
     markers = [m.span() for m in _MARKERS.finditer(text)]
     return [s for s in spans if not any(s[0] < end and start < s[1] for start, end in markers)]
 
 
-class _Step:
-    """Rules applied together: one rule with only a path, or consecutive rules scanning
-    text under the same path (or the whole event), which share one walk of it."""
+# Events repeat the same places, so Hits are reused rather than made for every event;
+# the bound keeps events with ever new keys from growing the cache without end.
+_HIT_CACHE_SIZE = 4096
 
-    __slots__ = ("filtered", "locate", "rules", "scans_text")
-
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
-        self.rules = rules
-        self.scans_text = rules[0].scans_text
-        steps = rules[0].steps
-        self.locate = paths.compile_path(steps) if steps is not None else None
-        self.filtered = any(rule.agent_ids is not None for rule in rules)
+HitOf = Callable[[paths.Trail, Any], Hit]
+# One step of the plan: applies its rules to an event (given its agentId as received),
+# adding what it replaced or removed to the hits.
+Step = Callable[[dict[str, Any], str | None, list[Hit]], None]
+# One rule scanning the strings of a step: rewrites them, adding its hits.
+Scan = Callable[["_Strings", list[Hit]], None]
 
 
-def _plan(rules: list[Rule]) -> list[_Step]:
+def _hit_of(rule: Rule) -> HitOf:
+    """The Hit of ``rule`` at a place, one per place (see _HIT_CACHE_SIZE)."""
+    cache: dict[tuple[paths.Trail, Any], Hit] = {}
+
+    def hit(trail: paths.Trail, key: Any) -> Hit:
+        place = (trail, key)
+        found = cache.get(place)
+        if found is None:
+            if len(cache) >= _HIT_CACHE_SIZE:
+                cache.clear()
+            found = cache[place] = Hit(rule.name, rule.action, paths.render(trail, key))
+        return found
+
+    return hit
+
+
+def _groups(rules: list[Rule]) -> list[tuple[Rule, ...]]:
+    """One rule with only a path, or consecutive rules scanning text under the same path
+    (or the whole event), which share one walk of it."""
     groups: list[list[Rule]] = []
     for rule in rules:
         last = groups[-1][-1] if groups else None
@@ -228,12 +275,53 @@ def _plan(rules: list[Rule]) -> list[_Step]:
             groups[-1].append(rule)
         else:
             groups.append([rule])
-    return [_Step(tuple(group)) for group in groups]
+    return [tuple(group) for group in groups]
 
 
-# Events repeat the same places, so Hits are reused rather than made for every event;
-# the bound keeps events with ever new keys from growing the cache without end.
-_HIT_CACHE_SIZE = 4096
+NewValue = Callable[[Any], str | None]
+
+
+def _at_name(rule: Rule, hold: Callable[[dict[str, Any]], Any], new_value: NewValue | None) -> Step:
+    """A rule whose path names one place: looked up directly, its Hit made once."""
+    assert rule.steps is not None
+    last = rule.steps[-1]
+    hit = Hit(rule.name, rule.action, paths.render(paths.names_trail(rule.steps[:-1]), last))
+
+    def at_name(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+        holder = hold(event)
+        if holder is None or last not in holder:
+            return
+        if new_value is None:
+            del holder[last]
+        else:
+            new = new_value(holder[last])
+            if new is None:
+                return
+            holder[last] = new
+        hits.append(hit)
+
+    return at_name
+
+
+def _at_slots(rule: Rule, locate: paths.Locator, new_value: NewValue | None) -> Step:
+    """A rule whose path has wildcards: every slot it selects (``new_value`` None: removed)."""
+    hit = _hit_of(rule)
+
+    def at_slots(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+        slots = locate(event)
+        if new_value is None:
+            # Back to front, so deleting a list item leaves the indices still to come intact.
+            for container, key, _, _ in reversed(slots):
+                del container[key]
+            hits += [hit(trail, key) for _, key, _, trail in slots]
+            return
+        for container, key, value, trail in slots:
+            new = new_value(value)
+            if new is not None:
+                container[key] = new
+                hits.append(hit(trail, key))
+
+    return at_slots
 
 
 class Redactor:
@@ -243,12 +331,13 @@ class Redactor:
             raise RedactionError("a rule with action 'hash' needs an HMAC key")
         self.rules = rules
         self._hmac = _Hmac(hmac_key) if hmac_key else None
-        self._plan = _plan(rules)
-        # By identity: rules put together by hand (built-in plus configured) may share a name.
-        self._detectors: dict[int, tuple[Detector, ...]] = {
-            id(rule): tuple(DETECTORS[name] for name in rule.detectors) for rule in rules
-        }
-        self._hits: dict[tuple[str, str, paths.Trail, str | int], Hit] = {}
+        # Each rule compiled into closures once, so that applying it decides nothing that
+        # the rule alone decides. By identity: rules put together by hand (built-in plus
+        # configured) may share a name.
+        self._steps: list[Step] = [
+            self._text_step(group) if group[0].scans_text else self._value_step(group[0])
+            for group in _groups(rules)
+        ]
 
     def redact(self, event: dict[str, Any]) -> list[Hit]:
         """Apply every rule in order to ``event``, in place; what was replaced or removed."""
@@ -256,115 +345,136 @@ class Redactor:
         # Decided on the agentId as received: a rule hashing it must not switch off later ones.
         agent = event.get("agentId")
         agent = agent if isinstance(agent, str) else None
-        for step in self._plan:
-            rules = step.rules
-            if step.filtered:
-                rules = tuple(r for r in rules if r.agent_ids is None or agent in r.agent_ids)
-                if not rules:
-                    continue
-            if step.scans_text:
-                strings = _Strings(self._scan_starts(event, step))
-                for rule in rules:
-                    self._scan(rule, strings, hits)
-            else:
-                assert step.locate is not None
-                self._apply_to_values(rules[0], step.locate(event), hits)
+        for step in self._steps:
+            step(event, agent, hits)
         return hits
 
     def describe(self) -> list[str]:
         return [_describe(rule) for rule in self.rules]
 
-    def _hit(self, rule: Rule, trail: paths.Trail, key: str | int) -> Hit:
-        cache_key = (rule.name, rule.action, trail, key)
-        hit = self._hits.get(cache_key)
-        if hit is None:
-            if len(self._hits) >= _HIT_CACHE_SIZE:
-                self._hits.clear()
-            hit = self._hits[cache_key] = Hit(rule.name, rule.action, paths.render(trail, key))
-        return hit
-
-    # -- whole values at a path --------------------------------------------------------
-
-    def _apply_to_values(self, rule: Rule, slots: list[paths.Slot], hits: list[Hit]) -> None:
-        if rule.action == "remove":
-            # Back to front, so deleting a list item leaves the indices still to come intact.
-            for container, key, _, _ in reversed(slots):
-                del container[key]
-            hits += [self._hit(rule, trail, key) for _, key, _, trail in slots]
-            return
-        for container, key, value, trail in slots:
-            new = self._new_value(rule, value)
-            if new is not None:
-                container[key] = new
-                hits.append(self._hit(rule, trail, key))
-
-    def _new_value(self, rule: Rule, value: Any) -> str | None:
-        """The replacement of a whole value, None to leave it: null holds nothing to hide,
-        and a value an earlier rule (or run) already replaced stays as it is."""
-        if value is None or (isinstance(value, str) and _MARKERS.fullmatch(value)):
-            return None
-        if rule.action == "hash":
-            return self._tag(_canonical(value))
-        if rule.action == "partial" and isinstance(value, str):
-            new = _partial(value, rule.keep_last)
-        else:
-            new = f"[REDACTED:{rule.name}]"
-        return new if new != value else None
-
     def _tag(self, data: bytes) -> str:
         assert self._hmac is not None  # build_redactor refuses hash rules without a key
         return self._hmac.tag(data)
 
+    # -- whole values at a path --------------------------------------------------------
+
+    def _value_step(self, rule: Rule) -> Step:
+        assert rule.steps is not None
+        new_value = None if rule.action == "remove" else self._new_value(rule)
+        hold = paths.holder(rule.steps)
+        if hold is not None:
+            apply = _at_name(rule, hold, new_value)
+        else:
+            apply = _at_slots(rule, paths.compile_path(rule.steps), new_value)
+        agents = rule.agent_ids
+        if agents is None:
+            return apply
+
+        def for_agents(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+            if agent in agents:
+                apply(event, agent, hits)
+
+        return for_agents
+
+    def _new_value(self, rule: Rule) -> NewValue:
+        """The replacement of a whole value, None to leave it: null holds nothing to hide,
+        and a value an earlier rule (or run) already replaced stays as it is."""
+        mask = f"[REDACTED:{rule.name}]"
+        action, keep_last, tag = rule.action, rule.keep_last, self._tag
+
+        def new_value(value: Any) -> str | None:
+            # A marker starts with "[" or "h": that rules out most strings before the regex.
+            if value is None or (
+                isinstance(value, str) and value[:1] in "[h" and _MARKERS.fullmatch(value)
+            ):
+                return None
+            if action == "hash":
+                return tag(_canonical(value))
+            if action == "partial" and isinstance(value, str):
+                new = _partial(value, keep_last)
+            else:
+                new = mask
+            return new if new != value else None
+
+        return new_value
+
     # -- matches inside strings --------------------------------------------------------
 
-    @staticmethod
-    def _scan_starts(event: dict[str, Any], step: _Step) -> list[paths.Slot]:
-        # agentId is never scanned: masking part of it would merge or split agents.
-        if step.locate is None:
-            return [(event, k, v, ()) for k, v in event.items() if k != "agentId"]
-        return [s for s in step.locate(event) if s[0] is not event or s[1] != "agentId"]
+    def _text_step(self, rules: tuple[Rule, ...]) -> Step:
+        steps = rules[0].steps
+        locate = paths.compile_path(steps) if steps is not None else None
+        scans = [(rule.agent_ids, self._scan(rule)) for rule in rules]
 
-    def _scan(self, rule: Rule, strings: _Strings, hits: list[Hit]) -> None:
-        found: dict[int, list[Span]] = {}
-        detectors = self._detectors[id(rule)]
-        if detectors and strings.texts:
-            text = strings.joined()
-            spans = [(s, e, d.name) for d in detectors for s, e in d.find_in(text)]
-            if spans:
-                strings.split(spans, found)
-        for regex in rule.regexes:
-            for i, text_i in enumerate(strings.texts):
-                for m in regex.finditer(text_i):
-                    if m.end() > m.start():
-                        found.setdefault(i, []).append((m.start(), m.end(), rule.name))
-        for i, spans in found.items():
-            self._rewrite(rule, strings, i, spans, hits)
+        def scan_all(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+            strings: _Strings | None = None
+            for agents, scan in scans:
+                if agents is not None and agent not in agents:
+                    continue
+                if strings is None:
+                    strings = _Strings(event, _located(event, locate))
+                scan(strings, hits)
 
-    def _rewrite(
-        self, rule: Rule, strings: _Strings, i: int, spans: list[Span], hits: list[Hit]
-    ) -> None:
-        text = strings.texts[i]
-        pieces: list[str] = []
-        position = 0
-        replaced = 0
-        for start, end, label in _outside_markers(text, _merged(spans)):
-            match = text[start:end]
-            new = self._replacement(rule, match, label)
-            pieces += (text[position:start], new)
-            position = end
-            replaced += new != match
-        if replaced:
-            pieces.append(text[position:])
-            strings.replace(i, "".join(pieces))
-            _, key, trail = strings.slots[i]
-            hits += [self._hit(rule, trail, key)] * replaced
+        return scan_all
 
-    def _replacement(self, rule: Rule, match: str, label: str) -> str:
+    def _scan(self, rule: Rule) -> Scan:
+        find = detectors.scanner(rule.detectors) if rule.detectors else None
+        regexes, name = rule.regexes, rule.name
+        rewrite = self._rewrite(rule)
+
+        def scan(strings: _Strings, hits: list[Hit]) -> None:
+            found: dict[int, list[Span]] = {}
+            if find is not None and strings.texts:
+                spans = find(strings.joined())
+                if spans:
+                    strings.split(spans, found)
+            for regex in regexes:
+                for i, text_i in enumerate(strings.texts):
+                    for m in regex.finditer(text_i):
+                        if m.end() > m.start():
+                            found.setdefault(i, []).append((m.start(), m.end(), name))
+            for i, spans in found.items():
+                rewrite(strings, i, spans, hits)
+
+        return scan
+
+    def _rewrite(self, rule: Rule) -> Callable[[_Strings, int, list[Span], list[Hit]], None]:
+        replacement = self._replacement(rule)
+        hit = _hit_of(rule)
+
+        def rewrite(strings: _Strings, i: int, spans: list[Span], hits: list[Hit]) -> None:
+            text = strings.texts[i]
+            pieces: list[str] = []
+            position = 0
+            replaced = 0
+            for start, end, label in _outside_markers(text, _merged(spans)):
+                match = text[start:end]
+                new = replacement(match, label)
+                pieces += (text[position:start], new)
+                position = end
+                replaced += new != match
+            if replaced:
+                pieces.append(text[position:])
+                key, trail = strings.replace(i, "".join(pieces))
+                hits += [hit(trail, key)] * replaced
+
+        return rewrite
+
+    def _replacement(self, rule: Rule) -> Callable[[str, str], str]:
+        """What a match becomes, given it and the label a mask shows."""
         if rule.action == "hash":
-            return self._tag(match.encode("utf-8", "surrogatepass"))
+            tag = self._tag
+            return lambda match, _: tag(match.encode("utf-8", "surrogatepass"))
         if rule.action == "partial":
-            return _partial(match, rule.keep_last)
-        return f"[REDACTED:{label}]"
+            keep_last = rule.keep_last
+            return lambda match, _: _partial(match, keep_last)
+        return lambda _, label: f"[REDACTED:{label}]"
+
+
+def _located(event: dict[str, Any], locate: paths.Locator | None) -> list[paths.Slot] | None:
+    # agentId is never scanned: masking part of it would merge or split agents.
+    if locate is None:
+        return None
+    return [s for s in locate(event) if s[0] is not event or s[1] != "agentId"]
 
 
 def _describe(rule: Rule) -> str:
