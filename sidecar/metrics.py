@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -31,10 +33,31 @@ REJECT_REASONS = (
 DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
 
 
+class Tally:
+    """One series of a counter, counted as a plain int until the next scrape.
+
+    ``Counter.inc`` takes a lock, about 0.6 us; the receive path counts every redaction
+    of every event, so it adds to ``count`` instead, and ``Metrics.render`` moves the
+    total into the counter. Counted and flushed on the event loop's thread only.
+    """
+
+    __slots__ = ("_series", "count")
+
+    def __init__(self, series: Any) -> None:
+        self._series = series
+        self.count = 0
+
+    def flush(self) -> None:
+        if self.count:
+            self._series.inc(self.count)
+            self.count = 0
+
+
 class Metrics:
     """One registry per sidecar, so tests can run several in one process."""
 
     def __init__(self) -> None:
+        self._tallies: list[Tally] = []
         self.registry = r = CollectorRegistry()
         p = "precogx_sidecar_"
         self.events_received = Counter(
@@ -118,5 +141,13 @@ class Metrics:
         for reason in ("spool_full", "dead_letter_pruned"):
             self.events_dropped.labels(reason)
 
+    def tally(self, series: Any) -> Tally:
+        """A Tally of ``series`` (a counter, or one of its label sets), flushed by render."""
+        tally = Tally(series)
+        self._tallies.append(tally)
+        return tally
+
     def render(self) -> bytes:
+        for tally in self._tallies:
+            tally.flush()
         return generate_latest(self.registry)

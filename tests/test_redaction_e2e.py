@@ -63,9 +63,15 @@ async def test_seeded_secrets_reach_neither_disk_nor_upstream(
     for i in range(5):
         status, _ = await holding.post("/api/v1/integrations/dify/telemetry", seeded_event(i))
         assert status == 202
+    # Counted per hit, and still right after a scrape moved the first counts over.
+    _, metrics = await holding.get("/metrics")
+    assert 'precogx_sidecar_redactions_total{action="hash",rule="user"} 5.0' in metrics
     status, _ = await holding.post("/api/v1/telemetry/batch",
                                    {"interactions": [seeded_event(i) for i in range(5, 10)]})
     assert status == 202
+    _, metrics = await holding.get("/metrics")
+    assert 'precogx_sidecar_redactions_total{action="hash",rule="user"} 10.0' in metrics
+    assert 'precogx_sidecar_redactions_total{action="mask",rule="pii"} 30.0' in metrics
     await holding.stop()
     spool = Path(holding.config.spool.path)
     assert_clean(b"".join(p.read_bytes() for p in spool.parent.glob(spool.name + "*")))

@@ -12,7 +12,7 @@ import orjson
 
 from sidecar.config import Config, ConfigError
 from sidecar.logs import register_secret
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, Tally
 from sidecar.redaction.detectors import SECRET_DETECTORS
 from sidecar.redaction.redactor import Hit, Redactor, build_redactor
 from sidecar.redaction.rules import RedactionError, Rule
@@ -79,11 +79,12 @@ class RedactionStage:
     ) -> None:
         self.rules = rules
         self.secrets = secrets
-        self._counters: Mapping[tuple[str, str], Any] = {}
+        self._tallies: Mapping[tuple[str, str], Tally] = {}
         if metrics is not None:
             # One series per rule and action from the start: a dashboard shows zeros.
-            self._counters = {
-                (rule.name, rule.action): metrics.redactions.labels(rule.name, rule.action)
+            self._tallies = {
+                (rule.name, rule.action):
+                    metrics.tally(metrics.redactions.labels(rule.name, rule.action))
                 for rule in self.all_rules
             }
 
@@ -118,10 +119,10 @@ class RedactionStage:
             hits += self.secrets.redact(event)
         if self.rules.rules:
             hits += self.rules.redact(event)
-        for hit in hits:
-            counter = self._counters.get((hit.rule, hit.action))
-            if counter is not None:
-                counter.inc()
+        tallies = self._tallies
+        if tallies:
+            for hit in hits:
+                tallies[hit.rule, hit.action].count += 1
         return hits
 
 
