@@ -231,21 +231,50 @@ _TRIGGER_ALPHABET = b"eyJpx_livetsk-AKIASghpousrbtxoxa-----BEGINZ9 \""
 @settings(max_examples=3000, database=None, deadline=None)
 @given(st.lists(st.sampled_from(_TRIGGER_ALPHABET), max_size=40).map(bytes))
 def test_the_fast_trigger_check_agrees_with_the_trigger_regex(body: bytes) -> None:
-    from sidecar.redaction.stage import SECRET_TRIGGERS, holds_secret_trigger
+    from sidecar.redaction.stage import SECRET_TRIGGERS, secret_detectors_in
 
-    assert holds_secret_trigger(body) == (SECRET_TRIGGERS.search(body) is not None)
+    assert bool(secret_detectors_in(body)) == (SECRET_TRIGGERS.search(body) is not None)
 
 
-def test_the_fast_trigger_check_finds_each_literal_anywhere() -> None:
-    from sidecar.redaction.stage import holds_secret_trigger
+# Each detector's literals: the fast check must name exactly the detectors whose literal
+# a body holds, so that the credential rule can be narrowed to them.
+TRIGGER_LITERALS = {
+    "jwt": [b"eyJ"],
+    "precogx_key": [b"px_live_", b"px_test_"],
+    "openai_key": [b"sk-"],
+    "aws_access_key": [b"AKIA", b"ASIA"],
+    "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
+    "slack_token": [b"xox%c-" % c for c in b"baprs"],
+    "private_key": [b"-----BEGIN"],
+}
 
-    literals = [b"eyJ", b"px_live_", b"px_test_", b"sk-", b"AKIA", b"ASIA", b"github_pat_",
-                b"-----BEGIN", *(b"gh%c_" % c for c in b"pousr"),
-                *(b"xox%c-" % c for c in b"baprs")]
-    for literal in literals:
-        for body in (literal, b"x" + literal, literal + b"x", b'{"a":"' + literal + b'"}'):
-            assert holds_secret_trigger(body), body
-        assert not holds_secret_trigger(literal[:-1]), literal
+
+def test_the_fast_trigger_check_names_each_detector_by_its_literals() -> None:
+    from sidecar.redaction import SECRET_DETECTORS
+    from sidecar.redaction.stage import secret_detectors_in
+
+    assert list(TRIGGER_LITERALS) == list(SECRET_DETECTORS)
+    for name, literals in TRIGGER_LITERALS.items():
+        for literal in literals:
+            for body in (literal, b"x" + literal, literal + b"x", b'{"a":"' + literal + b'"}'):
+                assert secret_detectors_in(body) == (name,), body
+            assert secret_detectors_in(literal[:-1]) == (), literal
+    every = b" ".join(literals[-1] for literals in reversed(TRIGGER_LITERALS.values()))
+    assert secret_detectors_in(every) == SECRET_DETECTORS  # in catalogue order, once each
+
+
+@settings(max_examples=500, database=None, deadline=None)
+@given(st.lists(st.sampled_from([*SECRET_EXAMPLES.values(), "sk-", "x", " ", "_", "-", "J"]),
+                max_size=6).map("".join))
+def test_only_the_detectors_the_fast_check_names_can_find_anything(text: str) -> None:
+    """Narrowing the credential rule to the named detectors loses no match."""
+    from sidecar.redaction import DETECTORS, SECRET_DETECTORS
+    from sidecar.redaction.stage import secret_detectors_in
+
+    named = secret_detectors_in(orjson.dumps({"prompt": text}))
+    for name in SECRET_DETECTORS:
+        if name not in named:
+            assert DETECTORS[name].find(text) == [], name
 
 
 async def test_escaped_credentials_in_the_raw_body_are_still_masked(
@@ -262,3 +291,19 @@ async def test_escaped_credentials_in_the_raw_body_are_still_masked(
     await fake.wait_for_received(2)
     assert_clean(b"".join(r.body for r in fake.requests))
     assert "[REDACTED:openai_key]" in fake.received[0]["prompt"]
+
+
+@settings(max_examples=300, database=None, deadline=None)
+@given(st.lists(st.sampled_from([*SECRET_EXAMPLES.values(), "sk-", "x", " ", "\n", "-", "J"]),
+                max_size=6).map("".join), st.booleans())
+def test_the_narrowed_credential_rule_redacts_as_the_whole_one(text: str, batch: bool) -> None:
+    from sidecar.redaction import build_redactor
+    from sidecar.redaction.stage import BUILTIN_SECRETS, RedactionStage
+
+    whole = build_redactor([BUILTIN_SECRETS], None)
+    stage = RedactionStage(build_redactor([], None), whole)
+    event = {"agentId": "a", "prompt": text, "response": {"r": [text, 1]}}
+    body = orjson.dumps({"interactions": [event]} if batch else event)
+    expected = copy.deepcopy(event)
+    assert stage(event, stage.possible_secrets(body)) == whole.redact(expected)
+    assert event == expected

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sidecar.redaction.stage import RedactionStage
+from sidecar.redaction.stage import Detectors, RedactionStage
 from sidecar.spool import Spool
 
 
@@ -32,16 +32,16 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
 
 def spool_interactions(
     spool: Spool, redact: RedactionStage, items: list[dict[str, Any]],
-    idempotency_key: str | None = None, may_hold_secrets: bool | None = None,
+    idempotency_key: str | None = None, possible_secrets: Detectors | None = None,
 ) -> tuple[list[int], asyncio.Future[list[int]]]:
     """Redact validated interactions and hand them to the spool.
 
     Returns their ids and the future of their commit. Redaction happens here, before
     anything is serialised, so a redacted value never reaches the disk.
     """
-    if redact.applies(may_hold_secrets):
+    if redact.applies(possible_secrets):
         for item in items:
-            redact(item, may_hold_secrets)
+            redact(item, possible_secrets)
     ids = spool.allocate_ids(len(items))
     payloads = _stamped(items, spool.event_refs(ids))
     return ids, spool.append(ids, payloads, idempotency_key)

@@ -17,7 +17,7 @@ from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
-from sidecar.redaction.stage import RedactionStage
+from sidecar.redaction.stage import Detectors, RedactionStage
 from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
 
 log = logging.getLogger("sidecar.receivers")
@@ -65,7 +65,7 @@ class IngestReceiver:
             body = await self._read(request)
             doc = _parse(body)
             items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
-            secrets = self.redact.may_hold_secrets(body)
+            secrets = self.redact.possible_secrets(body)
             ids, repeated = await self._store(items, _idempotency_key(request), secrets)
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
@@ -106,7 +106,7 @@ class IngestReceiver:
             raise _too_large(None, self.config.max_body_bytes) from e
 
     async def _store(
-        self, items: list[dict[str, Any]], key: str | None, secrets: bool | None
+        self, items: list[dict[str, Any]], key: str | None, secrets: Detectors | None
     ) -> tuple[list[int], bool]:
         ids, committed = spool_interactions(self.spool, self.redact, items, key, secrets)
         try:

@@ -50,27 +50,33 @@ def read_hmac_key(config: Config) -> bytes | None:
 SECRET_TRIGGERS = re.compile(
     rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[baprs]-|-----BEGIN"
 )
-# The same literals, each behind one byte it holds: ``in`` for a single byte is a memchr,
-# some hundred times faster than any regex over a large body, and most bodies lack most of
-# these bytes. Each regex starts with its byte, so the engine's own scan skips to it; a
-# regex holding all literals at once (SECRET_TRIGGERS) tries every alternative at every
-# letter. tests/test_redaction_e2e.py checks both agree.
-_TRIGGERS_BY_BYTE = (
-    (b"J", re.compile(rb"J(?<=eyJ)")),
-    (b"_", re.compile(rb"_(?:(?<=px_)(?:live|test)_|(?<=gh[pousr]_)|(?<=github_)pat_)")),
-    (b"-", re.compile(rb"-(?:(?<=sk-)|(?<=xox[baprs]-)|----BEGIN)")),
-    (b"K", re.compile(rb"AKIA")),
-    (b"S", re.compile(rb"ASIA")),
+# The same literals by detector, each behind one byte it holds: ``in`` for a single byte is
+# a memchr, some hundred times faster than any regex over a large body, and most bodies
+# lack most of these bytes. Each regex starts with its byte, so the engine's own scan
+# skips to it; a regex holding all literals at once (SECRET_TRIGGERS) tries every
+# alternative at every letter. tests/test_redaction_e2e.py checks both agree.
+_TRIGGERS: tuple[tuple[str, bytes, re.Pattern[bytes]], ...] = (
+    ("jwt", b"J", re.compile(rb"J(?<=eyJ)")),
+    ("precogx_key", b"_", re.compile(rb"_(?<=px_)(?:live|test)_")),
+    ("openai_key", b"-", re.compile(rb"-(?<=sk-)")),
+    ("aws_access_key", b"K", re.compile(rb"AKIA")),
+    ("aws_access_key", b"S", re.compile(rb"ASIA")),
+    ("github_token", b"_", re.compile(rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)")),
+    ("slack_token", b"-", re.compile(rb"-(?<=xox[baprs]-)")),
+    ("private_key", b"-", re.compile(rb"-----BEGIN")),
 )
 
+Detectors = tuple[str, ...]
 
-def holds_secret_trigger(data: bytes) -> bool:
-    """Whether ``data`` holds one of SECRET_TRIGGERS, found the fast way."""
-    # A loop, not any(): a generator costs about a microsecond more here.
-    for byte, regex in _TRIGGERS_BY_BYTE:  # noqa: SIM110
-        if byte in data and regex.search(data) is not None:
-            return True
-    return False
+
+def secret_detectors_in(data: bytes) -> Detectors:
+    """The credential detectors whose trigger literal ``data`` holds, in catalogue order:
+    only they can find anything in it."""
+    found: list[str] = []
+    for name, byte, regex in _TRIGGERS:
+        if byte in data and (not found or found[-1] != name) and regex.search(data):
+            found.append(name)
+    return tuple(found)
 
 
 class RedactionStage:
@@ -79,6 +85,9 @@ class RedactionStage:
     ) -> None:
         self.rules = rules
         self.secrets = secrets
+        # The credential rule narrowed to the detectors a body can hold, made on first use:
+        # each detector skipped saves a search through every string of the event.
+        self._narrowed: dict[Detectors, Redactor] = {}
         self._tallies: Mapping[tuple[str, str], Tally] = {}
         if metrics is not None:
             # One series per rule and action from the start: a dashboard shows zeros.
@@ -88,6 +97,13 @@ class RedactionStage:
                 for rule in self.all_rules
             }
 
+    def _secrets_for(self, names: Detectors) -> Redactor:
+        narrowed = self._narrowed.get(names)
+        if narrowed is None:
+            narrowed = build_redactor([{**BUILTIN_SECRETS, "detectors": list(names)}], None)
+            self._narrowed[names] = narrowed
+        return narrowed
+
     @property
     def all_rules(self) -> list[Rule]:
         return [*(self.secrets.rules if self.secrets else ()), *self.rules.rules]
@@ -95,28 +111,32 @@ class RedactionStage:
     def describe(self) -> list[str]:
         return [*(self.secrets.describe() if self.secrets else ()), *self.rules.describe()]
 
-    def may_hold_secrets(self, body: bytes) -> bool | None:
-        """Decide the credential scan once for a whole request body; None: decide per event.
+    def possible_secrets(self, body: bytes) -> Detectors | None:
+        """The credential detectors to run on the events of a whole request body, decided
+        once for all of them; None: decide per event.
 
         Only a \\u escape can hide a trigger literal in raw JSON (no other escape
         produces one of their characters); with one, each event is checked after parsing.
         """
         if self.secrets is None or b"\\u" in body:
             return None
-        return holds_secret_trigger(body)
+        return secret_detectors_in(body)
 
-    def applies(self, may_hold_secrets: bool | None) -> bool:
+    def applies(self, possible_secrets: Detectors | None) -> bool:
         """Whether any rule can change an event of a body the pre-check decided on."""
         if self.rules.rules:
             return True
-        return self.secrets is not None and may_hold_secrets is not False
+        return self.secrets is not None and possible_secrets != ()
 
-    def __call__(self, event: dict[str, Any], may_hold_secrets: bool | None = None) -> list[Hit]:
+    def __call__(
+        self, event: dict[str, Any], possible_secrets: Detectors | None = None
+    ) -> list[Hit]:
         hits: list[Hit] = []
-        if may_hold_secrets is None and self.secrets is not None:
-            may_hold_secrets = holds_secret_trigger(orjson.dumps(event))
-        if may_hold_secrets and self.secrets is not None:
-            hits += self.secrets.redact(event)
+        if self.secrets is not None:
+            if possible_secrets is None:
+                possible_secrets = secret_detectors_in(orjson.dumps(event))
+            if possible_secrets:
+                hits += self._secrets_for(possible_secrets).redact(event)
         if self.rules.rules:
             hits += self.rules.redact(event)
         tallies = self._tallies
