@@ -276,3 +276,36 @@ def test_each_string_is_redacted_as_if_alone(event: dict[str, Any], action: str)
     assert _strings_of(event, top=True) == expected
     assert len(hits) == sum(len(build_redactor(rules, KEY).redact(
         {"agentId": "a", "prompt": text, "response": ""})) for text in before)
+
+
+# Value rules that share the objects they edit are applied together (one lookup of the
+# object for all of them): in any order and mix, that must equal applying them one by one.
+GROUPABLE_RULES: list[dict[str, Any]] = [
+    {"name": "g-email", "path": "metadata.customer_email", "action": "hash"},
+    {"name": "g-ssn", "path": "metadata.ssn", "action": "remove"},
+    {"name": "g-notes", "path": "metadata.notes", "action": "partial", "keep_last": 3},
+    {"name": "g-notes-2", "path": "metadata.notes", "action": "mask"},
+    {"name": "g-user", "path": "userId", "action": "mask", "agent_ids": ["a"]},
+    {"name": "g-conv", "path": "conversationId", "action": "hash"},
+    {"name": "g-meta", "path": "metadata", "action": "remove", "agent_ids": ["b"]},
+    {"name": "g-account", "path": "toolCalls[*].input.account", "action": "partial"},
+    {"name": "g-name", "path": "toolCalls[*].name", "action": "hash", "agent_ids": ["b"]},
+    {"name": "g-input-x", "path": "toolCalls[*].input.x", "action": "remove"},
+    {"name": "g-any-ssn", "path": "metadata.*.ssn", "action": "mask"},
+    {"name": "g-any-notes", "path": "metadata.*.notes", "action": "remove"},
+    {"name": "g-tools", "path": "toolCalls[*]", "action": "remove", "agent_ids": ["c"]},
+]
+
+
+@PROPERTY_SETTINGS
+@given(interactions, st.permutations(GROUPABLE_RULES).flatmap(
+    lambda rules: st.integers(1, len(rules)).map(lambda n: rules[:n])),
+    st.sampled_from(["a", "b", "c", "z"]))
+def test_rules_applied_together_equal_rules_applied_one_by_one(
+    event: dict[str, Any], rules: list[dict[str, Any]], agent: str
+) -> None:
+    event["agentId"] = agent
+    alone = copy.deepcopy(event)
+    hits_alone = [hit for rule in rules for hit in build_redactor([rule], KEY).redact(alone)]
+    assert build_redactor(rules, KEY).redact(event) == hits_alone
+    assert event == alone

@@ -266,48 +266,102 @@ def _hit_of(rule: Rule) -> HitOf:
 
 
 def _groups(rules: list[Rule]) -> list[tuple[Rule, ...]]:
-    """One rule with only a path, or consecutive rules scanning text under the same path
-    (or the whole event), which share one walk of it."""
+    """Consecutive rules that share one walk of the event: rules scanning text under the
+    same path (or the whole event), or rules replacing values of the same objects (paths
+    that differ only in their last name). Any other rule stands alone."""
     groups: list[list[Rule]] = []
     for rule in rules:
-        last = groups[-1][-1] if groups else None
-        if last and rule.scans_text and last.scans_text and last.path == rule.path:
+        if groups and _share_a_walk(groups[-1][-1], rule):
             groups[-1].append(rule)
         else:
             groups.append([rule])
     return [tuple(group) for group in groups]
 
 
-NewValue = Callable[[Any], str | None]
+def _share_a_walk(a: Rule, b: Rule) -> bool:
+    if a.scans_text or b.scans_text:
+        return a.scans_text and b.scans_text and a.path == b.path
+    holder = _holder_steps(a)
+    return holder is not None and holder == _holder_steps(b)
 
 
-def _at_name(rule: Rule, hold: Callable[[dict[str, Any]], Any], new_value: NewValue | None) -> Step:
-    """A rule whose path names one place: looked up directly, its Hit made once."""
+def _holder_steps(rule: Rule) -> paths.Steps | None:
+    """The path to the objects holding the last name of a rule's path; None if it ends in
+    a wildcard (or the rule has no path)."""
+    steps = rule.steps
+    if steps is None or steps[-1] in (paths.ANY_KEY, paths.ANY_ITEM):
+        return None
+    return steps[:-1]
+
+
+def _last_name(rule: Rule) -> str:
     assert rule.steps is not None
-    last = rule.steps[-1]
-    hit = Hit(rule.name, rule.action, paths.render(paths.names_trail(rule.steps[:-1]), last))
+    return rule.steps[-1]
 
-    def at_name(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+
+NewValue = Callable[[Any], str | None]
+# What one rule of a group does to an object holding its last name: that name, the new
+# value (None: remove), its Hit at a holder's trail, the agents it is limited to.
+Edit = tuple[str, NewValue | None, HitOf, frozenset[str] | None]
+
+
+def _edit(holder: dict[str, Any], name: str, new_value: NewValue | None) -> bool:
+    """Apply one rule to the object holding its name; whether it changed anything."""
+    if name not in holder:
+        return False
+    if new_value is None:
+        del holder[name]
+        return True
+    new = new_value(holder[name])
+    if new is None:
+        return False
+    holder[name] = new
+    return True
+
+
+def _at_holder(
+    hold: Callable[[dict[str, Any]], Any], edits: list[Edit], trail: paths.Trail
+) -> Step:
+    """Rules whose paths are names only, under one object: found once for all of them."""
+    fixed = [(name, new_value, hit(trail, name), agents) for name, new_value, hit, agents in edits]
+
+    def at_holder(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
         holder = hold(event)
-        if holder is None or last not in holder:
+        if holder is None:
             return
-        if new_value is None:
-            del holder[last]
-        else:
-            new = new_value(holder[last])
-            if new is None:
-                return
-            holder[last] = new
-        hits.append(hit)
+        for name, new_value, hit, agents in fixed:
+            if (agents is None or agent in agents) and _edit(holder, name, new_value):
+                hits.append(hit)
 
-    return at_name
+    return at_holder
+
+
+def _at_holders(locate: paths.Locator, edits: list[Edit]) -> Step:
+    """Rules whose paths hold wildcards before their last name: the objects holding that
+    name found once for all of them, then each rule applied to each in turn."""
+
+    def at_holders(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+        holders = [(v, (trail, key)) for _, key, v, trail in locate(event) if isinstance(v, dict)]
+        if not holders:
+            return
+        for name, new_value, hit, agents in edits:
+            if agents is None or agent in agents:
+                for holder, trail in holders:
+                    if _edit(holder, name, new_value):
+                        hits.append(hit(trail, name))
+
+    return at_holders
 
 
 def _at_slots(rule: Rule, locate: paths.Locator, new_value: NewValue | None) -> Step:
-    """A rule whose path has wildcards: every slot it selects (``new_value`` None: removed)."""
+    """A rule whose path ends in a wildcard: every slot it selects (``new_value`` None:
+    removed)."""
     hit = _hit_of(rule)
+    agents = rule.agent_ids
 
     def at_slots(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
+        if agents is not None and agent not in agents:
+            return
         slots = locate(event)
         if new_value is None:
             # Back to front, so deleting a list item leaves the indices still to come intact.
@@ -335,7 +389,7 @@ class Redactor:
         # the rule alone decides. By identity: rules put together by hand (built-in plus
         # configured) may share a name.
         self._steps: list[Step] = [
-            self._text_step(group) if group[0].scans_text else self._value_step(group[0])
+            self._text_step(group) if group[0].scans_text else self._value_step(group)
             for group in _groups(rules)
         ]
 
@@ -358,27 +412,27 @@ class Redactor:
 
     # -- whole values at a path --------------------------------------------------------
 
-    def _value_step(self, rule: Rule) -> Step:
-        assert rule.steps is not None
-        new_value = None if rule.action == "remove" else self._new_value(rule)
-        hold = paths.holder(rule.steps)
+    def _value_step(self, rules: tuple[Rule, ...]) -> Step:
+        first = rules[0]
+        assert first.steps is not None
+        parents = _holder_steps(first)
+        if parents is None:
+            return _at_slots(first, paths.compile_path(first.steps), self._new_value(first))
+        edits: list[Edit] = [
+            (_last_name(rule), self._new_value(rule), _hit_of(rule), rule.agent_ids)
+            for rule in rules
+        ]
+        hold = paths.holder(first.steps)
         if hold is not None:
-            apply = _at_name(rule, hold, new_value)
-        else:
-            apply = _at_slots(rule, paths.compile_path(rule.steps), new_value)
-        agents = rule.agent_ids
-        if agents is None:
-            return apply
+            return _at_holder(hold, edits, paths.names_trail(parents))
+        return _at_holders(paths.compile_path(parents), edits)
 
-        def for_agents(event: dict[str, Any], agent: str | None, hits: list[Hit]) -> None:
-            if agent in agents:
-                apply(event, agent, hits)
-
-        return for_agents
-
-    def _new_value(self, rule: Rule) -> NewValue:
+    def _new_value(self, rule: Rule) -> NewValue | None:
         """The replacement of a whole value, None to leave it: null holds nothing to hide,
-        and a value an earlier rule (or run) already replaced stays as it is."""
+        and a value an earlier rule (or run) already replaced stays as it is. None for a
+        rule that removes."""
+        if rule.action == "remove":
+            return None
         mask = f"[REDACTED:{rule.name}]"
         action, keep_last, tag = rule.action, rule.keep_last, self._tag
 
