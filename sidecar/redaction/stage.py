@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,16 @@ class RedactionStage:
             }
 
     def _secrets_for(self, names: Detectors) -> Redactor:
+        """The credential rule as given, keeping only the detectors named."""
         narrowed = self._narrowed.get(names)
         if narrowed is None:
-            narrowed = build_redactor([{**BUILTIN_SECRETS, "detectors": list(names)}], None)
-            self._narrowed[names] = narrowed
+            assert self.secrets is not None
+            kept = (
+                replace(rule, detectors=tuple(d for d in rule.detectors if d in names))
+                for rule in self.secrets.rules
+            )
+            rules = [rule for rule in kept if rule.scans_text]
+            narrowed = self._narrowed[names] = Redactor(rules, None)
         return narrowed
 
     @property
