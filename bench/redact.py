@@ -132,41 +132,35 @@ EVERY_DETECTOR: dict[str, Any] = {
 }
 
 
-def measure(
-    redact: Callable[[dict[str, Any]], list[Any]], duration: float
-) -> tuple[float, float, float]:
-    """(median and best events per second over batches, hits per event), timing only the
-    redact calls. The median rather than the mean: on a shared machine a neighbour's burst
-    slows a few batches a lot, and those say nothing about redaction."""
-    rates: list[float] = []
-    hits = 0
-    spent = 0.0
-    while spent < duration:
-        batch = [copy.deepcopy(EVENT) for _ in range(BATCH)]
-        start = time.perf_counter()
-        for event in batch:
-            hits += len(redact(event))
-        elapsed = time.perf_counter() - start
-        spent += elapsed
-        rates.append(BATCH / elapsed)
-    return statistics.median(rates), max(rates), hits / (BATCH * len(rates))
-
-
-def per_event(apply: Callable[[Any], object], event: Any, duration: float) -> float:
-    """Microseconds per call of ``apply`` on fresh copies of ``event`` (which it may change)
-    in the best batch: a neighbour's burst only ever adds time, and the stages are told
-    apart by subtraction, which the noise of a median would swamp."""
-    times: list[float] = []
-    spent = 0.0
-    while spent < duration:
+def batch_seconds(apply: Callable[[Any], object], event: Any, duration: float) -> list[float]:
+    """Seconds taken by each batch of BATCH calls of ``apply``, each on a fresh copy of
+    ``event`` (which it may change) made before the batch is timed."""
+    seconds: list[float] = []
+    while sum(seconds) < duration:
         batch = [copy.deepcopy(event) for _ in range(BATCH)]
         start = time.perf_counter()
         for item in batch:
             apply(item)
-        elapsed = time.perf_counter() - start
-        spent += elapsed
-        times.append(elapsed * 1e6 / BATCH)
-    return min(times)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(
+    redact: Callable[[dict[str, Any]], list[Any]], duration: float
+) -> tuple[float, float, float]:
+    """(median and best events per second over batches, hits per event). The median
+    rather than the mean: on a shared machine a neighbour's burst slows a few batches a
+    lot, and those say nothing about redaction."""
+    rates = [BATCH / elapsed for elapsed in batch_seconds(redact, EVENT, duration)]
+    hits = len(redact(copy.deepcopy(EVENT)))  # the same event each time: the same hits
+    return statistics.median(rates), max(rates), hits
+
+
+def per_event(apply: Callable[[Any], object], event: Any, duration: float) -> float:
+    """Microseconds per call of ``apply`` in the best batch: a neighbour's burst only ever
+    adds time, and the stages are told apart by subtraction, which the noise of a median
+    would swamp."""
+    return min(batch_seconds(apply, event, duration)) * 1e6 / BATCH
 
 
 def stages(duration: float) -> list[tuple[str, float]]:
