@@ -205,3 +205,56 @@ async def test_ids_never_repeat_whichever_way_events_left(tmp_path: Path, delete
                          max_dead_events=0 if delete == "pruned" else 100)
     last, first_new = await _last_id_then_reopen(config, delete)
     assert first_new > last
+
+
+# -- WAL checkpoints: a long WAL is copied back and rewound, off the commit path -----
+
+async def grow_wal(spool: Spool, frames: int) -> None:
+    """Commit ~4 KiB (one WAL frame) per event until the WAL holds ``frames`` frames."""
+    for _ in range(frames):
+        ids = spool.allocate_ids(1)
+        await spool.append(ids, [b"x" * 4000])
+
+
+def wal_frames_after_commit(path: Path) -> int:
+    """Frames in the WAL now (a PASSIVE checkpoint reports them and changes no answer)."""
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+
+
+@pytest.fixture
+def short_wal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sidecar.spool.store.WAL_REWIND_FRAMES", 16)
+    monkeypatch.setattr("sidecar.spool.store.WAL_FINISH_FRAMES", 2)
+
+
+@pytest.mark.usefixtures("short_wal")
+async def test_a_long_wal_is_rewound_after_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await grow_wal(spool, 40)
+    assert path.with_name("spool.db-wal").stat().st_size > 40 * 4096
+    await spool.checkpoint()
+    await grow_wal(spool, 1)
+    assert wal_frames_after_commit(path) <= 4  # started again from the beginning
+    await spool.close()
+
+
+@pytest.mark.usefixtures("short_wal")
+async def test_the_writer_finishes_a_checkpoint_the_reader_could_not(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    # A reader holding an old snapshot keeps every checkpoint pass from copying the
+    # newer frames, as a steady stream of commits would.
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM events").fetchone()
+    await grow_wal(spool, 40)
+    await spool.checkpoint()
+    reader.execute("COMMIT")
+    reader.close()
+    await grow_wal(spool, 1)  # this commit first copies the rest, then rewinds
+    assert wal_frames_after_commit(path) <= 4
+    await spool.close()
