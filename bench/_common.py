@@ -42,12 +42,69 @@ EVENT: dict[str, Any] = {
 }
 
 
-def event_body() -> bytes:
-    return json.dumps(EVENT, separators=(",", ":")).encode()
+# A 2 KB support-desk interaction as a Dify app would send it: PII in the text and in
+# metadata, a pasted API key, tool calls. bench/redact.py redacts it; bench/ingest.py
+# --event large posts it.
+PROMPT = (
+    "Hi, I'm writing again about my order #884213 from 2026-11-02. The parcel was supposed "
+    "to arrive within 3-5 business days, but the tracking page has said 'in transit' for "
+    "twelve days now. I was also charged twice: my statement shows two payments of $129.99 "
+    "on the card 4111 1111 1111 1111, one on the 3rd and one on the 4th. Could you refund "
+    "the duplicate and tell me where the parcel is? You can reach me at "
+    "jane.doe@example.com or call me on +1 (415) 555-0132 between 9am and 5pm Pacific. "
+    "Our shop integration also started failing yesterday with a 401 error; the developer "
+    "says the key we use is sk-proj-Qw8eRt5yUi2oPa7sDf4gHj1kLz9xCv6bNm3 and that it worked "
+    "with version 2.4.1 of your SDK on Chrome/120.0.6099.109. Is there an outage, or do we "
+    "need to rotate it? Thanks a lot for your help, and sorry for the long message."
+)
+RESPONSE = (
+    "Hello Jane, thank you for your patience and sorry for the trouble. I can see order "
+    "#884213 and the two payments of $129.99. I have refunded the duplicate payment; it "
+    "will show on your statement within 5-7 business days. The parcel is held at the local "
+    "depot because the address label was damaged, and it will be delivered tomorrow before "
+    "noon. About the 401 error: please never share API keys in a ticket. I have revoked "
+    "the key you pasted; your developer can create a new one in the dashboard under "
+    "Settings > API keys. Let me know if there is anything else I can do."
+)
+LARGE_EVENT: dict[str, Any] = {
+    "agentId": "dify-support-bot",
+    "prompt": PROMPT,
+    "response": RESPONSE,
+    "appId": "support-app-7",
+    "conversationId": "conv-5f2c9a",
+    "userId": "user-48213",
+    "sessionId": "sess-91ab",
+    "metadata": {
+        "platform": "dify",
+        "customer_email": "jane.doe@example.com",
+        "customer_name": "Jane Doe",
+        "customer_phone": "+1 415 555 0132",
+        "account_id": "ACC-00918273",
+        "ip": "203.0.113.42",
+        "locale": "en-US",
+        "tier": "gold",
+    },
+    "toolCalls": [
+        {
+            "name": "lookup_order",
+            "input": {"order_id": "884213", "account_number": "DE89370400440532013000"},
+            "output": {"status": "held_at_depot", "eta": "2026-11-24"},
+        },
+        {
+            "name": "refund_payment",
+            "input": {"payment_id": "pay_3PqLm9", "amount": 129.99, "card_last4": "1111"},
+            "output": "refunded",
+        },
+    ],
+}
 
 
-def batch_body(n: int) -> bytes:
-    return json.dumps({"interactions": [EVENT] * n}, separators=(",", ":")).encode()
+def event_body(event: dict[str, Any] = EVENT) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def batch_body(n: int, event: dict[str, Any] = EVENT) -> bytes:
+    return json.dumps({"interactions": [event] * n}, separators=(",", ":")).encode()
 
 
 # -- output --------------------------------------------------------------------

@@ -4,7 +4,8 @@
 What is measured
   1. bench/noop_server.py (same aiohttp, same uvloop, a handler that only reads the body
      and answers 202) under wrk: 50 keep-alive connections, one wrk thread, POSTing the
-     example Dify event to /api/v1/integrations/dify/telemetry, then batches of 100.
+     example Dify event to /api/v1/integrations/dify/telemetry, then batches of 100
+     (--event large: the 2 KB interaction of bench/redact.py instead).
   2. The real sidecar (no API key, so it only accepts and spools: SQLite WAL,
      synchronous=FULL by default, group commit) under exactly the same load.
   Each measurement is preceded by a warm-up run (default 2 s) and lasts 10 s. The server
@@ -49,6 +50,8 @@ from pathlib import Path
 import aiohttp
 from _common import (
     BATCH_PATH,
+    EVENT,
+    LARGE_EVENT,
     ROOT,
     SINGLE_PATH,
     ChildError,
@@ -80,6 +83,7 @@ BATCH_EVENTS = 100
 TARGET_RATIO = 0.65
 TARGET_P99_MS = 10.0
 TARGET_BATCH_EVENTS_S = 100_000
+EVENTS = {"seed": EVENT, "large": LARGE_EVENT}
 
 
 @dataclass
@@ -92,7 +96,8 @@ class Runs:
 
 
 def measure(name: str, base: str, args: argparse.Namespace, tmp: Path, cpu: int | None) -> Runs:
-    single_body, many_body = event_body(), batch_body(BATCH_EVENTS)
+    event = EVENTS[args.event]
+    single_body, many_body = event_body(event), batch_body(BATCH_EVENTS, event)
     runs: list[tuple[WrkResult, int]] = []
 
     def wrk(label: str, path: str, body: bytes, seconds: int, events: int) -> WrkResult:
@@ -130,7 +135,7 @@ def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int 
     try:
         base = f"http://127.0.0.1:{port}"
         say(f"  {child.output('stdout')[0]}")
-        smoke("noop", base + SINGLE_PATH, event_body())
+        smoke("noop", base + SINGLE_PATH, event_body(EVENTS[args.event]))
         return measure("noop", base, args, tmp, cpus[1])
     finally:
         child.stop()
@@ -157,7 +162,7 @@ def bench_sidecar(
     try:
         base = f"http://127.0.0.1:{port}"
         say(f"  sidecar listening on {base}, spool {spool}")
-        smoke("sidecar", base + SINGLE_PATH, event_body())
+        smoke("sidecar", base + SINGLE_PATH, event_body(EVENTS[args.event]))
         runs = measure("sidecar", base, args, tmp, cpus[1])
         time.sleep(1.0)  # let requests still in flight when wrk stopped commit
         received = metric_sum(get_text(base + "/metrics"), "precogx_sidecar_events_received_total")
@@ -192,7 +197,8 @@ class Round:
 
 def report(rounds: list[Round], args: argparse.Namespace) -> None:
     say("\n" + "=" * 78)
-    say(f"RESULTS  (synchronous={args.synchronous}, {args.connections} connections, "
+    say(f"RESULTS  ({args.event} event of {len(event_body(EVENTS[args.event])):,} bytes, "
+        f"synchronous={args.synchronous}, {args.connections} connections, "
         f"{args.duration}s per run, {len(rounds)} round(s): no-op then sidecar, each round)")
     say("=" * 78)
     say(f"{'round':>5} {'no-op req/s':>12} {'sidecar req/s':>14} {'ratio':>7} {'p50 ms':>7} "
@@ -244,6 +250,10 @@ def main() -> int:
                         type=str.upper, help="the sidecar's spool.synchronous")
     parser.add_argument("--rounds", type=int, default=3,
                         help="no-op then sidecar, this many times; medians are reported")
+    parser.add_argument("--event", choices=sorted(EVENTS), default="seed",
+                        help="seed: the Dify guide's example (the targets are set for it); "
+                             "large: a 2 KB interaction with PII and a pasted API key, "
+                             "which the default credential rule masks")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     stop_on_signals()

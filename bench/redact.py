@@ -48,6 +48,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import LARGE_EVENT as EVENT  # noqa: E402
+
 from sidecar.metrics import Metrics  # noqa: E402
 from sidecar.redaction import DETECTORS, build_redactor  # noqa: E402
 from sidecar.redaction.detectors import Text, scanner  # noqa: E402
@@ -60,59 +62,7 @@ TARGET = 50_000
 TARGET_CONFIG = "10 field rules + built-in credentials"
 HMAC_KEY = b"bench-redaction-hmac-key-0123456789"
 BATCH = 1000  # events copied ahead of each timed batch
-
-PROMPT = (
-    "Hi, I'm writing again about my order #884213 from 2026-11-02. The parcel was supposed "
-    "to arrive within 3-5 business days, but the tracking page has said 'in transit' for "
-    "twelve days now. I was also charged twice: my statement shows two payments of $129.99 "
-    "on the card 4111 1111 1111 1111, one on the 3rd and one on the 4th. Could you refund "
-    "the duplicate and tell me where the parcel is? You can reach me at "
-    "jane.doe@example.com or call me on +1 (415) 555-0132 between 9am and 5pm Pacific. "
-    "Our shop integration also started failing yesterday with a 401 error; the developer "
-    "says the key we use is sk-proj-Qw8eRt5yUi2oPa7sDf4gHj1kLz9xCv6bNm3 and that it worked "
-    "with version 2.4.1 of your SDK on Chrome/120.0.6099.109. Is there an outage, or do we "
-    "need to rotate it? Thanks a lot for your help, and sorry for the long message."
-)
-RESPONSE = (
-    "Hello Jane, thank you for your patience and sorry for the trouble. I can see order "
-    "#884213 and the two payments of $129.99. I have refunded the duplicate payment; it "
-    "will show on your statement within 5-7 business days. The parcel is held at the local "
-    "depot because the address label was damaged, and it will be delivered tomorrow before "
-    "noon. About the 401 error: please never share API keys in a ticket. I have revoked "
-    "the key you pasted; your developer can create a new one in the dashboard under "
-    "Settings > API keys. Let me know if there is anything else I can do."
-)
-EVENT: dict[str, Any] = {
-    "agentId": "dify-support-bot",
-    "prompt": PROMPT,
-    "response": RESPONSE,
-    "appId": "support-app-7",
-    "conversationId": "conv-5f2c9a",
-    "userId": "user-48213",
-    "sessionId": "sess-91ab",
-    "metadata": {
-        "platform": "dify",
-        "customer_email": "jane.doe@example.com",
-        "customer_name": "Jane Doe",
-        "customer_phone": "+1 415 555 0132",
-        "account_id": "ACC-00918273",
-        "ip": "203.0.113.42",
-        "locale": "en-US",
-        "tier": "gold",
-    },
-    "toolCalls": [
-        {
-            "name": "lookup_order",
-            "input": {"order_id": "884213", "account_number": "DE89370400440532013000"},
-            "output": {"status": "held_at_depot", "eta": "2026-11-24"},
-        },
-        {
-            "name": "refund_payment",
-            "input": {"payment_id": "pay_3PqLm9", "amount": 129.99, "card_last4": "1111"},
-            "output": "refunded",
-        },
-    ],
-}
+MIN_BATCHES = 5
 
 FIELD_RULES: list[dict[str, Any]] = [
     {"name": "user-id", "path": "userId", "action": "hash"},
@@ -134,9 +84,11 @@ EVERY_DETECTOR: dict[str, Any] = {
 
 def batch_seconds(apply: Callable[[Any], object], event: Any, duration: float) -> list[float]:
     """Seconds taken by each batch of BATCH calls of ``apply``, each on a fresh copy of
-    ``event`` (which it may change) made before the batch is timed."""
+    ``event`` (which it may change) made before the batch is timed. ``duration`` is wall
+    time, copying included: a cheap ``apply`` would otherwise need millions of copies."""
     seconds: list[float] = []
-    while sum(seconds) < duration:
+    deadline = time.perf_counter() + duration
+    while len(seconds) < MIN_BATCHES or time.perf_counter() < deadline:
         batch = [copy.deepcopy(event) for _ in range(BATCH)]
         start = time.perf_counter()
         for item in batch:
