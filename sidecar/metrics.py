@@ -36,9 +36,10 @@ DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
 class Tally:
     """One series of a counter, counted as a plain int until the next scrape.
 
-    ``Counter.inc`` takes a lock, about 0.6 us; the receive path counts every redaction
-    of every event, so it adds to ``count`` instead, and ``Metrics.render`` moves the
-    total into the counter. Counted and flushed on the event loop's thread only.
+    ``Counter.inc`` takes a lock, about 0.6 us; the receive path counts every accepted
+    request and every redaction of every event, so it adds to ``count`` instead, and
+    ``Metrics.render`` moves the total into the counter. Counted and flushed on the event
+    loop's thread only.
     """
 
     __slots__ = ("_series", "count")

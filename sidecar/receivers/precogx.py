@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.hdrs import CONTENT_TYPE
 
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
@@ -45,7 +46,7 @@ class IngestReceiver:
         self._token = config.ingest_token.encode()
         self._refusing = False
         self._received = {
-            endpoint: metrics.events_received.labels(endpoint)
+            endpoint: metrics.tally(metrics.events_received.labels(endpoint))
             for endpoint in (*SINGLE_PATHS.values(), "batch")
         }
 
@@ -71,7 +72,7 @@ class IngestReceiver:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
         if not repeated:
-            self._received[endpoint].inc(len(ids))
+            self._received[endpoint].count += len(ids)
         return json_response(202, {"accepted": len(ids), "ids": ids})
 
     def _admit(self, request: web.Request) -> None:
@@ -87,7 +88,7 @@ class IngestReceiver:
                 "unauthorized",
             )
         # The raw header, not request.content_type: its full parse is measurable per request.
-        content_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        content_type = request.headers.get(CONTENT_TYPE, "").partition(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
             raise Rejection(
                 415, "UNSUPPORTED_MEDIA_TYPE",

@@ -51,20 +51,26 @@ def read_hmac_key(config: Config) -> bytes | None:
 SECRET_TRIGGERS = re.compile(
     rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[baprs]-|-----BEGIN"
 )
-# The same literals by detector, each behind one byte it holds: ``in`` for a single byte is
-# a memchr, some hundred times faster than any regex over a large body, and most bodies
-# lack most of these bytes. Each regex starts with its byte, so the engine's own scan
-# skips to it; a regex holding all literals at once (SECRET_TRIGGERS) tries every
-# alternative at every letter. tests/test_redaction_e2e.py checks both agree.
-_TRIGGERS: tuple[tuple[str, bytes, re.Pattern[bytes]], ...] = (
-    ("jwt", b"J", re.compile(rb"J(?<=eyJ)")),
-    ("precogx_key", b"_", re.compile(rb"_(?<=px_)(?:live|test)_")),
-    ("openai_key", b"-", re.compile(rb"-(?<=sk-)")),
-    ("aws_access_key", b"K", re.compile(rb"AKIA")),
-    ("aws_access_key", b"S", re.compile(rb"ASIA")),
-    ("github_token", b"_", re.compile(rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)")),
-    ("slack_token", b"-", re.compile(rb"-(?<=xox[baprs]-)")),
-    ("private_key", b"-", re.compile(rb"-----BEGIN")),
+# The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
+# some hundred times faster than any regex over a large body, and most bodies lack most
+# of these bytes. A group's gate matches any of its literals and starts with its byte,
+# so the engine's own scan skips to it; only a body that passes the gate is searched
+# detector by detector (None: the gate is the detector's own regex). A regex holding all
+# literals at once (SECRET_TRIGGERS) tries every alternative at every letter.
+# tests/test_redaction_e2e.py checks that both name the same bodies.
+_Group = tuple[bytes, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes] | None], ...]]
+_TRIGGERS: tuple[_Group, ...] = (
+    (b"J", re.compile(rb"J(?<=eyJ)"), (("jwt", None),)),
+    (b"_", re.compile(rb"_(?:(?<=px_)(?:live|test)_|(?<=gh[pousr]_)|(?<=github_)pat_)"), (
+        ("precogx_key", re.compile(rb"_(?<=px_)(?:live|test)_")),
+        ("github_token", re.compile(rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)")),
+    )),
+    (b"-", re.compile(rb"-(?:(?<=sk-)|(?<=xox[baprs]-)|----BEGIN)"), (
+        ("openai_key", re.compile(rb"-(?<=sk-)")),
+        ("slack_token", re.compile(rb"-(?<=xox[baprs]-)")),
+        ("private_key", re.compile(rb"-----BEGIN")),
+    )),
+    (b"A", re.compile(rb"A[KS]IA"), (("aws_access_key", None),)),
 )
 
 Detectors = tuple[str, ...]
@@ -73,11 +79,15 @@ Detectors = tuple[str, ...]
 def secret_detectors_in(data: bytes) -> Detectors:
     """The credential detectors whose trigger literal ``data`` holds, in catalogue order:
     only they can find anything in it."""
-    found: list[str] = []
-    for name, byte, regex in _TRIGGERS:
-        if byte in data and (not found or found[-1] != name) and regex.search(data):
-            found.append(name)
-    return tuple(found)
+    found: set[str] = set()
+    for byte, gate, members in _TRIGGERS:
+        if byte in data and gate.search(data):
+            found.update(
+                name for name, regex in members if regex is None or regex.search(data)
+            )
+    if not found:
+        return ()
+    return tuple(name for name in SECRET_DETECTORS if name in found)
 
 
 class RedactionStage:
