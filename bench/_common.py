@@ -244,6 +244,11 @@ class Child:
     def tail(self, n: int = 20) -> str:
         return "\n".join(f"  [{self.name}] {line}" for line in self.output()[-n:])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the child, all its threads, so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL. Safe to call twice."""
         if self.proc.poll() is None:
