@@ -19,7 +19,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -316,21 +317,28 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+Section = dict[str, object] | list[dict[str, object]]
+
+
+def write_config(path: Path, sections: dict[str, Section]) -> Path:
+    """A TOML file; a section given as a list of tables becomes an array of tables."""
     lines: list[str] = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    for name, section in sections.items():
+        for values in section if isinstance(section, list) else [section]:
+            lines.append(f"[[{name}]]" if isinstance(section, list) else f"[{name}]")
+            lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def sidecar_sections(
     spool: Path, synchronous: str, upstream: dict[str, object] | None = None
-) -> dict[str, dict[str, object]]:
+) -> dict[str, Section]:
     """A bench sidecar: free port, big spool limits, log level info.
 
     Level info, not warning: the ``listening on`` line we wait for is logged at info.
@@ -516,6 +524,60 @@ def run_wrk(
             f"{result.socket_errors} out of {result.requests} requests"
         )
     return result
+
+
+def smoke(name: str, url: str, body: bytes) -> None:
+    """One request before the load: wrk must measure accepted events, not error answers."""
+    status, answer = post(url, body)
+    if status != 202:
+        raise ChildError(f"{name}: smoke request to {url} got {status}: {answer[:300]!r}")
+
+
+Starter = Callable[[int | None], tuple[Child, int]]
+
+
+def side_by_side(
+    starters: Sequence[Starter], body: bytes, *, workdir: Path, connections: int,
+    warmup: int, seconds: int, cpus: tuple[int | None, int | None],
+) -> list[tuple[float, WrkResult]]:
+    """Servers loaded at once on one CPU, each under its own wrk on the other: for each,
+    its CPU time per request (us) and its wrk run.
+
+    For comparing two builds or configurations of the sidecar: run one after the other,
+    they can meet different machines (a neighbour's burst, a slower host core), which
+    moves such comparisons by 20 %; loaded together they meet the same one. Sharing the
+    CPU costs each server some cache misses and changes its batching, so the figures are
+    not those of a server alone: this morning the no-op server's CPU per request rose
+    by about a third side by side and the sidecar's hardly moved. Compare like with like.
+    """
+    servers: list[tuple[Child, str, Path]] = []
+    try:
+        for i, start in enumerate(starters):
+            child, port = start(cpus[0])
+            servers.append((child, f"http://127.0.0.1:{port}", workdir / f"server-{i}"))
+        for child, base, wrk_dir in servers:
+            smoke(child.name, base + SINGLE_PATH, body)
+            wrk_dir.mkdir(parents=True, exist_ok=True)
+
+        def load(seconds: int) -> list[WrkResult]:
+            with ThreadPoolExecutor(len(servers)) as pool:
+                runs = [
+                    pool.submit(run_wrk, f"{child.name} side by side", base + SINGLE_PATH, body,
+                                workdir=wrk_dir, connections=connections, seconds=seconds,
+                                cpu=cpus[1])
+                    for child, base, wrk_dir in servers
+                ]
+                return [r.result() for r in runs]
+
+        if warmup > 0:
+            load(warmup)
+        before = [child.cpu_seconds() for child, _, _ in servers]
+        runs = load(seconds)
+        used = [child.cpu_seconds() - b for (child, _, _), b in zip(servers, before, strict=True)]
+    finally:
+        for child, _, _ in servers:
+            child.stop()
+    return [(1e6 * u / r.requests, r) for u, r in zip(used, runs, strict=True)]
 
 
 def wrk_missing_exit() -> None:

@@ -44,7 +44,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +65,11 @@ from _common import (
     have_wrk,
     loud,
     metric_sum,
-    post,
     run_wrk,
     same_filesystem,
     say,
     sidecar_sections,
+    smoke,
     spool_rows,
     start_noop,
     start_sidecar,
@@ -121,13 +120,6 @@ def measure(name: str, base: str, args: argparse.Namespace, tmp: Path, cpu: int 
         wrk(f"warm-up batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.warmup, BATCH_EVENTS)
     batch = wrk(f"batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.duration, BATCH_EVENTS)
     return Runs(single, batch, runs)
-
-
-def smoke(name: str, url: str, body: bytes) -> None:
-    """One request before the load: wrk must measure accepted events, not error answers."""
-    status, answer = post(url, body)
-    if status != 202:
-        raise ChildError(f"{name}: smoke request to {url} got {status}: {answer[:300]!r}")
 
 
 def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]) -> Runs:
@@ -182,77 +174,9 @@ def bench_sidecar(
 
 
 @dataclass
-class SideBySide:
-    """Both servers on the same CPU at once, each under its own wrk: CPU per request."""
-
-    noop_us: float
-    sidecar_us: float
-    runs: list[WrkResult]
-
-    @property
-    def ratio(self) -> float:
-        return self.noop_us / self.sidecar_us if self.sidecar_us else 0.0
-
-
-def side_by_side(
-    args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]
-) -> SideBySide:
-    """The ratio again, measured so that a slow spell of the machine slows both alike.
-
-    Run one after the other, the no-op server and the sidecar can meet different
-    machines (a neighbour's burst, a slower host core), and the ratio moves by 20 points
-    between rounds. Loaded together on one CPU they share whatever it gives; each
-    one's CPU time per request then compares their costs directly. It estimates the
-    req/s ratio as long as each server alone keeps its CPU busy, which both do here.
-    """
-    say(f"\n== side by side: no-op and sidecar both on CPU {cpus[0]}, two wrk on CPU {cpus[1]}")
-    tmp.mkdir(exist_ok=True)
-    body = event_body(EVENTS[args.event])
-    config = write_config(tmp / "sidecar.toml", sidecar_sections(tmp / "spool.db",
-                                                                 args.synchronous))
-    noop, noop_port = start_noop(cpus[0])
-    try:
-        sidecar, sidecar_port = start_sidecar(config, cpus[0])
-    except BaseException:
-        noop.stop()
-        raise
-    servers = ((noop, f"http://127.0.0.1:{noop_port}"),
-               (sidecar, f"http://127.0.0.1:{sidecar_port}"))
-    try:
-        for child, base in servers:
-            smoke(child.name, base + SINGLE_PATH, body)
-
-        def load(seconds: int) -> list[WrkResult]:
-            with ThreadPoolExecutor(2) as pool:
-                runs = [
-                    pool.submit(run_wrk, f"{child.name} side by side", base + SINGLE_PATH, body,
-                                workdir=tmp / child.name, connections=args.connections,
-                                seconds=seconds, cpu=cpus[1])
-                    for child, base in servers
-                ]
-                return [r.result() for r in runs]
-
-        for child, _ in servers:
-            (tmp / child.name).mkdir(exist_ok=True)
-        if args.warmup > 0:
-            load(args.warmup)
-        before = [child.cpu_seconds() for child, _ in servers]
-        runs = load(args.duration)
-        used = [child.cpu_seconds() - b for (child, _), b in zip(servers, before, strict=True)]
-    finally:
-        sidecar.stop()
-        noop.stop()
-    noop_us, sidecar_us = (1e6 * u / r.requests for u, r in zip(used, runs, strict=True))
-    say(f"    CPU per request: no-op {noop_us:.1f} us ({runs[0].rps:,.0f} req/s), "
-        f"sidecar {sidecar_us:.1f} us ({runs[1].rps:,.0f} req/s)")
-    return SideBySide(noop_us, sidecar_us, runs)
-
-
-@dataclass
 class Round:
     noop: Runs
     side: SidecarResult
-    together: SideBySide
 
     @property
     def ratio(self) -> float:
@@ -271,23 +195,19 @@ def report(rounds: list[Round], args: argparse.Namespace) -> None:
         f"{args.duration}s per run, {len(rounds)} round(s): no-op then sidecar, each round)")
     say("=" * 78)
     say(f"{'round':>5} {'no-op req/s':>12} {'sidecar req/s':>14} {'ratio':>7} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'batched events/s':>17} {'CPU ratio':>10}")
+        f"{'p99 ms':>7} {'batched events/s':>17}")
     for i, r in enumerate(rounds, 1):
         s = r.side.runs.single
         say(f"{i:>5} {r.noop.single.rps:12,.0f} {s.rps:14,.0f} {r.ratio:7.1%} {s.p50:7.2f} "
-            f"{s.p99:7.2f} {r.batch_eps:17,.0f} {r.together.ratio:10.1%}")
+            f"{s.p99:7.2f} {r.batch_eps:17,.0f}")
     # Medians: a neighbour's burst on a shared machine spoils a run, not the figure.
     ratio = statistics.median(r.ratio for r in rounds)
     p99 = statistics.median(r.side.runs.single.p99 for r in rounds)
     batch_eps = statistics.median(r.batch_eps for r in rounds)
-    cpu_ratio = statistics.median(r.together.ratio for r in rounds)
     errors = sum(x.errors for r in rounds for x, _ in r.noop.all + r.side.runs.all)
-    errors += sum(x.errors for r in rounds for x in r.together.runs)
     say(f"\n{'median over rounds':34}{'measured':>12}   target")
     say(f"{'ratio sidecar / no-op':34}{ratio:12.1%}   >= {TARGET_RATIO:.0%}  "
         f"{verdict(ratio >= TARGET_RATIO)}")
-    say(f"{'  CPU ratio, side by side':34}{cpu_ratio:12.1%}   (the same ratio, measured with "
-        "both servers loaded at once; not judged)")
     say(f"{'single event p99 (ms)':34}{p99:12.2f}   <= {TARGET_P99_MS:g} ms  "
         f"{verdict(p99 <= TARGET_P99_MS)}")
     say(f"{'batched events/s':34}{batch_eps:12,.0f}   >= {TARGET_BATCH_EVENTS_S:,}  "
@@ -354,11 +274,9 @@ def main() -> int:
             noop = bench_noop(args, tmp, (server_cpu, load_cpu))
             round_dir = tmp / f"round-{i + 1}"
             side = bench_sidecar(args, round_dir, (server_cpu, load_cpu))
-            together = side_by_side(args, tmp / f"together-{i + 1}", (server_cpu, load_cpu))
-            rounds.append(Round(noop, side, together))
+            rounds.append(Round(noop, side))
             if not args.keep:  # a round's spool can hold millions of events
                 shutil.rmtree(round_dir, ignore_errors=True)
-                shutil.rmtree(tmp / f"together-{i + 1}", ignore_errors=True)
     except ChildError as e:
         loud(f"benchmark aborted: {e}")
         return 1
