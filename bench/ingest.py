@@ -19,6 +19,10 @@ How to read it
   - "ratio" is sidecar req/s / no-op req/s for single events: the share of the bare HTTP
     stack's speed left after making every event durable. Target >= 65 %.
   - p50/p99 are wrk's latency percentiles for single events. Target p99 <= 10 ms.
+  - Each run also prints the server's CPU time per request (all its threads, from /proc)
+    and how much of a core it used. Near 100 %, req/s is set by that cost; well under,
+    the server waited on something (fsync, the load). The no-op server's own figure
+    shows how fast the machine was during that run: it drifts minute to minute here.
   - "batched events/s" is req/s x 100 for batches of 100 events. Target >= 100,000.
   - Every figure is printed with its target and PASS/MISS; nothing is asserted.
   - Any non-2xx answer or socket error is printed in a "!!!" banner: the figure of that
@@ -54,6 +58,7 @@ from _common import (
     LARGE_EVENT,
     ROOT,
     SINGLE_PATH,
+    Child,
     ChildError,
     WrkResult,
     batch_body,
@@ -93,23 +98,35 @@ class Runs:
     single: WrkResult
     batch: WrkResult
     all: list[tuple[WrkResult, int]]
+    single_cpu_us: float  # the server's CPU time per single-event request, all threads
 
 
-def measure(name: str, base: str, args: argparse.Namespace, tmp: Path, cpu: int | None) -> Runs:
+def measure(
+    name: str, server: Child, base: str, args: argparse.Namespace, tmp: Path, cpu: int | None
+) -> Runs:
+
+
     event = EVENTS[args.event]
     single_body, many_body = event_body(event), batch_body(BATCH_EVENTS, event)
     runs: list[tuple[WrkResult, int]] = []
+    cpu_us: dict[str, float] = {}
 
     def wrk(label: str, path: str, body: bytes, seconds: int, events: int) -> WrkResult:
         say(f"  wrk {label}: {seconds}s, {args.connections} connections ...")
+        before = server.cpu_seconds()
         r = run_wrk(
             f"{name} {label}", base + path, body, workdir=tmp, connections=args.connections,
             seconds=seconds, cpu=cpu,
         )
+        used = server.cpu_seconds() - before
         runs.append((r, events))
+        cpu_us[label] = 1e6 * used / r.requests
+        # Well under 100 %: the server waited (on fsync, say), and req/s says less about cost.
         say(
             f"    {r.rps:12,.0f} req/s  p50 {r.p50:7.2f} ms  p99 {r.p99:7.2f} ms  "
-            f"{r.requests:,} requests, {r.non2xx} non-2xx, socket errors {r.errors - r.non2xx}"
+            f"{r.requests:,} requests, {r.non2xx} non-2xx, socket errors {r.errors - r.non2xx}\n"
+            f"    server CPU {cpu_us[label]:.1f} us per request, "
+            f"{used / max(r.seconds, 1e-9):.0%} of a core"
         )
         return r
 
@@ -119,7 +136,7 @@ def measure(name: str, base: str, args: argparse.Namespace, tmp: Path, cpu: int 
     if args.warmup > 0:
         wrk(f"warm-up batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.warmup, BATCH_EVENTS)
     batch = wrk(f"batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.duration, BATCH_EVENTS)
-    return Runs(single, batch, runs)
+    return Runs(single, batch, runs, cpu_us["single"])
 
 
 def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]) -> Runs:
@@ -129,7 +146,7 @@ def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int 
         base = f"http://127.0.0.1:{port}"
         say(f"  {child.output('stdout')[0]}")
         smoke("noop", base + SINGLE_PATH, event_body(EVENTS[args.event]))
-        return measure("noop", base, args, tmp, cpus[1])
+        return measure("noop", child, base, args, tmp, cpus[1])
     finally:
         child.stop()
 
@@ -156,7 +173,7 @@ def bench_sidecar(
         base = f"http://127.0.0.1:{port}"
         say(f"  sidecar listening on {base}, spool {spool}")
         smoke("sidecar", base + SINGLE_PATH, event_body(EVENTS[args.event]))
-        runs = measure("sidecar", base, args, tmp, cpus[1])
+        runs = measure("sidecar", child, base, args, tmp, cpus[1])
         time.sleep(1.0)  # let requests still in flight when wrk stopped commit
         received = metric_sum(get_text(base + "/metrics"), "precogx_sidecar_events_received_total")
     finally:
@@ -195,11 +212,12 @@ def report(rounds: list[Round], args: argparse.Namespace) -> None:
         f"{args.duration}s per run, {len(rounds)} round(s): no-op then sidecar, each round)")
     say("=" * 78)
     say(f"{'round':>5} {'no-op req/s':>12} {'sidecar req/s':>14} {'ratio':>7} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'batched events/s':>17}")
+        f"{'p99 ms':>7} {'batched events/s':>17} {'CPU us/req no-op, sidecar':>26}")
     for i, r in enumerate(rounds, 1):
         s = r.side.runs.single
         say(f"{i:>5} {r.noop.single.rps:12,.0f} {s.rps:14,.0f} {r.ratio:7.1%} {s.p50:7.2f} "
-            f"{s.p99:7.2f} {r.batch_eps:17,.0f}")
+            f"{s.p99:7.2f} {r.batch_eps:17,.0f} "
+            f"{r.noop.single_cpu_us:17.1f}, {r.side.runs.single_cpu_us:6.1f}")
     # Medians: a neighbour's burst on a shared machine spoils a run, not the figure.
     ratio = statistics.median(r.ratio for r in rounds)
     p99 = statistics.median(r.side.runs.single.p99 for r in rounds)
