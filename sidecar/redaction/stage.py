@@ -53,24 +53,26 @@ SECRET_TRIGGERS = re.compile(
 )
 # The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
-# of these bytes. A group's gate matches any of its literals and starts with its byte,
-# so the engine's own scan skips to it; only a body that passes the gate is searched
-# detector by detector (None: the gate is the detector's own regex). A regex holding all
-# literals at once (SECRET_TRIGGERS) tries every alternative at every letter.
-# tests/test_redaction_e2e.py checks that both name the same bodies.
-_Group = tuple[bytes, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes] | None], ...]]
+# of these bytes. Each detector's regex starts with its group's byte, so the engine's own
+# scan skips to it; a group's gate is its detectors' regexes as one (the engine factors
+# out the shared byte), and only a body that passes it is searched detector by detector.
+# A regex holding all literals at once (SECRET_TRIGGERS) tries every alternative at
+# every letter. tests/test_redaction_e2e.py checks that both name the same bodies.
+_Group = tuple[bytes, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes]], ...]]
+
+
+def _group(byte: bytes, **patterns: bytes) -> _Group:
+    members = tuple((name, re.compile(pattern)) for name, pattern in patterns.items())
+    return byte, re.compile(b"|".join(patterns.values())), members
+
+
 _TRIGGERS: tuple[_Group, ...] = (
-    (b"J", re.compile(rb"J(?<=eyJ)"), (("jwt", None),)),
-    (b"_", re.compile(rb"_(?:(?<=px_)(?:live|test)_|(?<=gh[pousr]_)|(?<=github_)pat_)"), (
-        ("precogx_key", re.compile(rb"_(?<=px_)(?:live|test)_")),
-        ("github_token", re.compile(rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)")),
-    )),
-    (b"-", re.compile(rb"-(?:(?<=sk-)|(?<=xox[baprs]-)|----BEGIN)"), (
-        ("openai_key", re.compile(rb"-(?<=sk-)")),
-        ("slack_token", re.compile(rb"-(?<=xox[baprs]-)")),
-        ("private_key", re.compile(rb"-----BEGIN")),
-    )),
-    (b"A", re.compile(rb"A[KS]IA"), (("aws_access_key", None),)),
+    _group(b"J", jwt=rb"J(?<=eyJ)"),
+    _group(b"_", precogx_key=rb"_(?<=px_)(?:live|test)_",
+           github_token=rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
+    _group(b"-", openai_key=rb"-(?<=sk-)", slack_token=rb"-(?<=xox[baprs]-)",
+           private_key=rb"-----BEGIN"),
+    _group(b"A", aws_access_key=rb"A[KS]IA"),
 )
 
 Detectors = tuple[str, ...]
@@ -82,8 +84,9 @@ def secret_detectors_in(data: bytes) -> Detectors:
     found: set[str] = set()
     for byte, gate, members in _TRIGGERS:
         if byte in data and gate.search(data):
+            # The gate of a lone detector is its own regex: no need to search again.
             found.update(
-                name for name, regex in members if regex is None or regex.search(data)
+                name for name, regex in members if len(members) == 1 or regex.search(data)
             )
     if not found:
         return ()
