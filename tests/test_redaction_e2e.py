@@ -261,6 +261,11 @@ def test_the_fast_trigger_check_names_each_detector_by_its_literals() -> None:
             assert secret_detectors_in(literal[:-1]) == (), literal
     every = b" ".join(literals[-1] for literals in reversed(TRIGGER_LITERALS.values()))
     assert secret_detectors_in(every) == SECRET_DETECTORS  # in catalogue order, once each
+    # Literals sharing one byte of the body: both named.
+    assert secret_detectors_in(b"sk-----BEGIN") == ("openai_key", "private_key")
+    assert secret_detectors_in(b"xoxb-----BEGIN sk-") == (
+        "openai_key", "slack_token", "private_key"
+    )
 
 
 @settings(max_examples=500, database=None, deadline=None)

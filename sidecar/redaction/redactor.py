@@ -123,6 +123,11 @@ def _scalar(value: Any) -> str:
         return json.dumps(repr(value))
 
 
+def _is_marker(text: str) -> bool:
+    # A marker starts with "[" or "h": that rules out most strings before the regex.
+    return text[:1] in "[h" and _MARKERS.fullmatch(text) is not None
+
+
 def _partial(text: str, keep_last: int) -> str:
     # At most half of it: a value not much longer than keep_last would otherwise be
     # left (nearly) in clear.
@@ -306,9 +311,8 @@ Edit = tuple[str, NewValue | None, HitOf, frozenset[str] | None]
 
 
 def _edit(holder: dict[str, Any], name: str, new_value: NewValue | None) -> bool:
-    """Apply one rule to the object holding its name; whether it changed anything."""
-    if name not in holder:
-        return False
+    """Apply one rule to the object holding its name (``name in holder``); whether it
+    changed anything."""
     if new_value is None:
         del holder[name]
         return True
@@ -330,7 +334,10 @@ def _at_holder(
         if holder is None:
             return
         for name, new_value, hit, agents in fixed:
-            if (agents is None or agent in agents) and _edit(holder, name, new_value):
+            if (
+                name in holder and (agents is None or agent in agents)
+                and _edit(holder, name, new_value)
+            ):
                 hits.append(hit)
 
     return at_holder
@@ -347,7 +354,7 @@ def _at_holders(locate: paths.Locator, edits: list[Edit]) -> Step:
         for name, new_value, hit, agents in edits:
             if agents is None or agent in agents:
                 for holder, trail in holders:
-                    if _edit(holder, name, new_value):
+                    if name in holder and _edit(holder, name, new_value):
                         hits.append(hit(trail, name))
 
     return at_holders
@@ -430,27 +437,38 @@ class Redactor:
     def _new_value(self, rule: Rule) -> NewValue | None:
         """The replacement of a whole value, None to leave it: null holds nothing to hide,
         and a value an earlier rule (or run) already replaced stays as it is. None for a
-        rule that removes."""
+        rule that removes. One function per action: this runs for every value a rule
+        selects, so it decides nothing the rule already decided."""
         if rule.action == "remove":
             return None
-        mask = f"[REDACTED:{rule.name}]"
-        action, keep_last, tag = rule.action, rule.keep_last, self._tag
+        if rule.action == "hash":
+            assert self._hmac is not None  # build_redactor refuses hash rules without a key
+            tag = self._hmac.tag
 
-        def new_value(value: Any) -> str | None:
-            # A marker starts with "[" or "h": that rules out most strings before the regex.
-            if value is None or (
-                isinstance(value, str) and value[:1] in "[h" and _MARKERS.fullmatch(value)
-            ):
-                return None
-            if action == "hash":
+            def hashed(value: Any) -> str | None:
+                if value is None or (isinstance(value, str) and _is_marker(value)):
+                    return None
                 return tag(_canonical(value))
-            if action == "partial" and isinstance(value, str):
-                new = _partial(value, keep_last)
-            else:
-                new = mask
-            return new if new != value else None
 
-        return new_value
+            return hashed
+        if rule.action == "partial":
+            keep_last, mask = rule.keep_last, f"[REDACTED:{rule.name}]"
+
+            def partial(value: Any) -> str | None:
+                if isinstance(value, str):
+                    new = None if _is_marker(value) else _partial(value, keep_last)
+                    return None if new == value else new
+                return None if value is None else mask
+
+            return partial
+        mask = f"[REDACTED:{rule.name}]"
+
+        def masked(value: Any) -> str | None:
+            if value is None or value == mask or (isinstance(value, str) and _is_marker(value)):
+                return None
+            return mask
+
+        return masked
 
     # -- matches inside strings --------------------------------------------------------
 

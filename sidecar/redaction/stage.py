@@ -53,26 +53,28 @@ SECRET_TRIGGERS = re.compile(
 )
 # The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
-# of these bytes. Each detector's regex starts with its group's byte, so the engine's own
-# scan skips to it; a group's gate is its detectors' regexes as one (the engine factors
-# out the shared byte), and only a body that passes it is searched detector by detector.
-# A regex holding all literals at once (SECRET_TRIGGERS) tries every alternative at
-# every letter. tests/test_redaction_e2e.py checks that both name the same bodies.
+# of these bytes. Each group's gate is the shared byte, then what follows it in each
+# detector's literal: the byte in front lets the engine skip to it (a regex holding all
+# literals at once, like SECRET_TRIGGERS, tries every alternative at every byte). Where
+# the gate matches, each detector of the group is tried at that very place, so one pass
+# over the body names them all. tests/test_redaction_e2e.py checks that both name the
+# same bodies.
 _Group = tuple[bytes, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes]], ...]]
 
 
-def _group(byte: bytes, **patterns: bytes) -> _Group:
-    members = tuple((name, re.compile(pattern)) for name, pattern in patterns.items())
-    return byte, re.compile(b"|".join(patterns.values())), members
+def _group(byte: bytes, **tails: bytes) -> _Group:
+    """``tails``: what follows the byte in each detector's literal, by detector."""
+    members = tuple((name, re.compile(byte + tail)) for name, tail in tails.items())
+    return byte, re.compile(byte + b"(?:" + b"|".join(tails.values()) + b")"), members
 
 
 _TRIGGERS: tuple[_Group, ...] = (
-    _group(b"J", jwt=rb"J(?<=eyJ)"),
-    _group(b"_", precogx_key=rb"_(?<=px_)(?:live|test)_",
-           github_token=rb"_(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
-    _group(b"-", openai_key=rb"-(?<=sk-)", slack_token=rb"-(?<=xox[baprs]-)",
-           private_key=rb"-----BEGIN"),
-    _group(b"A", aws_access_key=rb"A[KS]IA"),
+    _group(b"J", jwt=rb"(?<=eyJ)"),
+    _group(b"_", precogx_key=rb"(?<=px_)(?:live|test)_",
+           github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
+    _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?<=xox[baprs]-)",
+           private_key=rb"----BEGIN"),
+    _group(b"A", aws_access_key=rb"[KS]IA"),
 )
 
 Detectors = tuple[str, ...]
@@ -81,13 +83,25 @@ Detectors = tuple[str, ...]
 def secret_detectors_in(data: bytes) -> Detectors:
     """The credential detectors whose trigger literal ``data`` holds, in catalogue order:
     only they can find anything in it."""
-    found: set[str] = set()
+    found: list[str] = []
     for byte, gate, members in _TRIGGERS:
-        if byte in data and gate.search(data):
-            # The gate of a lone detector is its own regex: no need to search again.
-            found.update(
-                name for name, regex in members if len(members) == 1 or regex.search(data)
-            )
+        if byte not in data:
+            continue
+        m = gate.search(data)
+        if m is not None and len(members) == 1:
+            found.append(members[0][0])
+            continue
+        pending = list(members)
+        while m is not None:
+            at = m.start()
+            # Two literals can share the byte ("sk-----BEGIN"): try each one here.
+            for member in pending[:]:
+                if member[1].match(data, at):
+                    found.append(member[0])
+                    pending.remove(member)
+            if not pending:
+                break
+            m = gate.search(data, at + 1)
     if not found:
         return ()
     return tuple(name for name in SECRET_DETECTORS if name in found)
