@@ -9,7 +9,8 @@ What is measured
     - "every detector": one rule with every built-in detector, anywhere, mask;
     - "10 field rules + built-in credentials": ten path rules (mask, partial and hash
       mixed, a fixed HMAC key) plus the credential rule the sidecar applies by default,
-      run as the receive path runs them (body pre-check, stage, hit counting): the
+      run as the receive path runs them (credentials masked in the body, then the stage,
+      counting hits): the
       default detector set, so the configuration the target is about;
     - "10 field rules + every detector": the same path rules, then every detector.
   Each round redacts a fresh copy of the event (redact works in place); the copy is made
@@ -123,7 +124,8 @@ def measure(
     rather than the mean: on a shared machine a neighbour's burst slows a few batches a
     lot, and those say nothing about redaction."""
     rates = [BATCH / elapsed for elapsed in batch_seconds(redact, EVENT, duration)]
-    hits = len(redact(copy.deepcopy(EVENT)))  # the same event each time: the same hits
+    # The same event each time: the same hits.
+    hits = redact.hits() if isinstance(redact, AsReceived) else len(redact(copy.deepcopy(EVENT)))
     return statistics.median(rates), max(rates), hits
 
 
@@ -158,14 +160,26 @@ def stages(duration: float) -> list[tuple[str, float]]:
     ]
 
 
-def as_received(rules: list[dict[str, Any]]) -> Callable[[dict[str, Any]], list[Any]]:
+class AsReceived:
     """The rules plus the built-in credential rule (on by default), as the receive path
-    runs them: the request body's credential pre-check, then the stage, counting hits."""
-    stage = RedactionStage(
-        build_redactor(rules, HMAC_KEY), build_redactor([BUILTIN_SECRETS], None), Metrics()
-    )
-    body = orjson.dumps(EVENT)
-    return lambda event: stage(event, stage.possible_secrets(body))
+    runs them: credentials masked in the request body where that can be done, then the
+    stage on the parsed event, counting hits. Called with an event parsed from the body
+    as received: the credential masked in the body is masked again in each call."""
+
+    def __init__(self, rules: list[dict[str, Any]]) -> None:
+        self.stage = RedactionStage(
+            build_redactor(rules, HMAC_KEY), build_redactor([BUILTIN_SECRETS], None), Metrics()
+        )
+        self.body = orjson.dumps(EVENT)
+
+    def __call__(self, event: dict[str, Any]) -> list[Any]:
+        _, secrets = self.stage.mask_body(self.body)
+        return self.stage(event, secrets)
+
+    def hits(self) -> int:
+        """Redactions per event: in the body, and by the stage."""
+        masked, secrets = self.stage.mask_body(self.body)
+        return masked.count(b"[REDACTED:") + len(self.stage(orjson.loads(masked), secrets))
 
 
 def in_situ(seconds: int) -> tuple[float, float]:
@@ -215,10 +229,10 @@ def main() -> None:
 
     size = len(orjson.dumps(EVENT))
     print(f"event: {size} bytes of JSON; {args.duration:g} s per configuration, one core\n")
-    redactors = [
+    redactors: list[tuple[str, Callable[[dict[str, Any]], list[Any]]]] = [
         ("no rules", build_redactor([], HMAC_KEY).redact),
         ("every detector", build_redactor([EVERY_DETECTOR], HMAC_KEY).redact),
-        ("10 field rules + built-in credentials", as_received(FIELD_RULES)),
+        ("10 field rules + built-in credentials", AsReceived(FIELD_RULES)),
         # Field rules first: run after the detectors they would find masks, not values.
         ("10 field rules + every detector",
          build_redactor([*FIELD_RULES, EVERY_DETECTOR], HMAC_KEY).redact),

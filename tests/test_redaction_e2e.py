@@ -298,17 +298,68 @@ async def test_escaped_credentials_in_the_raw_body_are_still_masked(
     assert "[REDACTED:openai_key]" in fake.received[0]["prompt"]
 
 
-@settings(max_examples=300, database=None, deadline=None)
-@given(st.lists(st.sampled_from([*SECRET_EXAMPLES.values(), "sk-", "x", " ", "\n", "-", "J"]),
-                max_size=6).map("".join), st.booleans())
-def test_the_narrowed_credential_rule_redacts_as_the_whole_one(text: str, batch: bool) -> None:
+# Pieces of text around which masking in the raw body and the walk over the parsed
+# event could disagree: escapes before and after a key ("\\n", quotes, backslashes),
+# letters glued to it, masks already there, non-ASCII text.
+_RAW_PIECES = [
+    *SECRET_EXAMPLES.values(), "sk-", "x", "n", " ", "\n", "\t", '"', "\\", "\\n", "-", "J",
+    "é", "[REDACTED:jwt]", "eyJ",
+]
+_raw_texts = st.lists(st.sampled_from(_RAW_PIECES), max_size=5).map("".join)
+
+
+@settings(max_examples=1500, database=None, deadline=None)
+@given(prompt=_raw_texts, inner=_raw_texts, key=_raw_texts, agent=_raw_texts,
+       nested_agent=_raw_texts, batch=st.booleans(), indent=st.booleans())
+def test_masking_in_the_body_redacts_as_the_walk_over_the_event(
+    prompt: str, inner: str, key: str, agent: str, nested_agent: str, batch: bool, indent: bool,
+) -> None:
+    """What the receive path stores (credentials masked in the body where it can, the rest
+    by the narrowed rule) is what the whole credential rule makes of the parsed event,
+    with as many redactions counted."""
+    from sidecar.metrics import Metrics
+    from sidecar.redaction import build_redactor
+    from sidecar.redaction.stage import BUILTIN_SECRETS, BUILTIN_SECRETS_RULE, RedactionStage
+
+    whole = build_redactor([BUILTIN_SECRETS], None)
+    metrics = Metrics()
+    stage = RedactionStage(build_redactor([], None), whole, metrics)
+    event: dict[str, Any] = {
+        "agentId": agent or "a", "prompt": prompt,
+        "response": {"r": [inner, 1, None], key: inner, "m": {"agentId": nested_agent}},
+    }
+    doc: dict[str, Any] = {"interactions": [event, copy.deepcopy(event)]} if batch else event
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
+
+    masked, secrets = stage.mask_body(body)
+    stored = orjson.loads(masked)
+    for item in stored["interactions"] if batch else [stored]:
+        stage(item, secrets)
+
+    expected = copy.deepcopy(doc)
+    items: list[dict[str, Any]] = expected["interactions"] if batch else [expected]
+    hits = sum(len(whole.redact(item)) for item in items)
+    assert stored == expected
+    metrics.render()
+    counted = metrics.registry.get_sample_value(
+        "precogx_sidecar_redactions_total", {"rule": BUILTIN_SECRETS_RULE, "action": "mask"}
+    )
+    assert counted == hits
+
+
+def test_masking_in_the_body_leaves_keys_and_agent_ids_to_the_walk() -> None:
     from sidecar.redaction import build_redactor
     from sidecar.redaction.stage import BUILTIN_SECRETS, RedactionStage
 
-    whole = build_redactor([BUILTIN_SECRETS], None)
-    stage = RedactionStage(build_redactor([], None), whole)
-    event = {"agentId": "a", "prompt": text, "response": {"r": [text, 1]}}
-    body = orjson.dumps({"interactions": [event]} if batch else event)
-    expected = copy.deepcopy(event)
-    assert stage(event, stage.possible_secrets(body)) == whole.redact(expected)
-    assert event == expected
+    stage = RedactionStage(build_redactor([], None), build_redactor([BUILTIN_SECRETS], None))
+    key = SECRETS["openai"]
+    in_prompt = orjson.dumps({"agentId": "a", "prompt": f"use {key}", "response": "no"})
+    masked, secrets = stage.mask_body(in_prompt)
+    assert key.encode() not in masked and secrets == ()
+    for body in (
+        orjson.dumps({"agentId": key, "prompt": f"use {key}", "response": "no"}),
+        orjson.dumps({"agentId": "a", "prompt": "p", "response": {key: "v"}}),
+        b'{"agentId": "a", "prompt": "p", "response": {"' + key.encode() + b'" : "v"}}',
+        orjson.dumps({"agentId": "a", "prompt": "p", "response": {"agentId": key}}),
+    ):
+        assert stage.mask_body(body) == (body, ("openai_key",)), body

@@ -309,3 +309,24 @@ def test_rules_applied_together_equal_rules_applied_one_by_one(
     hits_alone = [hit for rule in rules for hit in build_redactor([rule], KEY).redact(alone)]
     assert build_redactor(rules, KEY).redact(event) == hits_alone
     assert event == alone
+
+
+# Text around matches: marker-like pieces next to them, in and out of place.
+_MARKER_PIECES = ["[REDACTED:x]", "hmac:0123456789abcdef", "[REDACTED:", "hmac:", "ab", " ", ":"]
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(st.sampled_from(_MARKER_PIECES), max_size=12).map("".join),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)), max_size=8))
+def test_matches_touching_a_marker_are_left_as_the_plain_check_says(
+    text: str, starts_lengths: list[tuple[int, int]]
+) -> None:
+    """The one-pass filter keeps exactly the merged spans that overlap no marker."""
+    from sidecar.redaction.redactor import _MARKERS, _merged, to_replace
+
+    spans = [(start, start + length, "d") for start, length in starts_lengths]
+    expected = [
+        span for span in _merged(list(spans))
+        if not any(span[0] < m.end() and m.start() < span[1] for m in _MARKERS.finditer(text))
+    ]
+    assert to_replace(text, spans) == expected

@@ -63,10 +63,10 @@ class IngestReceiver:
     async def _handle(self, request: web.Request, endpoint: str, *, batch: bool) -> web.Response:
         try:
             self._admit(request)
-            body = await self._read(request)
+            # Credentials are masked before anything else reads the body.
+            body, secrets = self.redact.mask_body(await self._read(request))
             doc = _parse(body)
             items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
-            secrets = self.redact.possible_secrets(body)
             ids, repeated = await self._store(items, _idempotency_key(request), secrets)
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()

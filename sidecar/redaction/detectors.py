@@ -84,6 +84,10 @@ class Detector:
     secret: bool = False
     # Every match holds an ASCII digit: a text without any is ruled out at once.
     numeric: bool = False
+    # Every match is made of letters, digits and "_-." only, which JSON never escapes, and
+    # its checks read "\n" before it as an escape: in the text of a JSON document without
+    # \u escapes it finds just what it finds in the document's strings (see raw_json).
+    plain: bool = False
 
     def find(self, text: str) -> list[Span]:
         return self.find_in(Text(text))
@@ -502,9 +506,10 @@ _END = r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
 
 
 def _detector(
-    name: str, *finders: Finder, secret: bool = False, numeric: bool = False
+    name: str, *finders: Finder, secret: bool = False, numeric: bool = False,
+    plain: bool = False,
 ) -> Detector:
-    return Detector(name, finders, secret, numeric)
+    return Detector(name, finders, secret, numeric, plain)
 
 
 _ALL = (
@@ -542,11 +547,13 @@ _ALL = (
             lead="ey",
         ),
         secret=True,
+        plain=True,
     ),
     _detector(
         "precogx_key",
         _in_text("px_", r"px_(?:live|test)_[A-Za-z0-9]{16,}", _token_start, gate="_"),
         secret=True,
+        plain=True,
     ),
     _detector(
         "openai_key",
@@ -554,23 +561,27 @@ _ALL = (
             "sk-", r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", _token_with_digit, gate="k"
         ),
         secret=True,
+        plain=True,
     ),
     _detector(
         "aws_access_key",
         _in_text("AKIA", r"AKIA[A-Z0-9]{16}", _alnum_token, gate="K"),
         _in_text("ASIA", r"ASIA[A-Z0-9]{16}", _alnum_token, gate="S"),
         secret=True,
+        plain=True,
     ),
     _detector(
         "github_token",
         _in_text("_", r"gh[pousr]_[A-Za-z0-9]{36,}", _token_start, back=3, lead="gh"),
         _in_text("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", _token_start, gate="_"),
         secret=True,
+        plain=True,
     ),
     _detector(
         "slack_token",
         _in_text("xox", r"xox[baprs]-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
         secret=True,
+        plain=True,
     ),
     # Without an END line (a truncated paste) everything after BEGIN is key material.
     _detector(

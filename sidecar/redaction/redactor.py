@@ -239,7 +239,25 @@ def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
     if ":" not in text or ("[REDACTED:" not in text and "hmac:" not in text):
         return spans
     markers = [m.span() for m in _MARKERS.finditer(text)]
-    return [s for s in spans if not any(s[0] < end and start < s[1] for start, end in markers)]
+    # Both in order and apart (spans merged): one pass over each, however many there are.
+    kept: list[Span] = []
+    i = 0
+    for span in spans:
+        while i < len(markers) and markers[i][1] <= span[0]:
+            i += 1
+        if i == len(markers) or span[1] <= markers[i][0]:
+            kept.append(span)
+    return kept
+
+
+def to_replace(text: str, spans: list[Span]) -> list[Span]:
+    """The matches found in ``text`` as they are replaced, in order: overlapping ones as
+    one, and none that touches what an earlier redaction wrote."""
+    return _outside_markers(text, _merged(spans))
+
+
+def mask(label: str) -> str:
+    return f"[REDACTED:{label}]"
 
 
 # Events repeat the same places, so Hits are reused rather than made for every event;
@@ -452,21 +470,21 @@ class Redactor:
 
             return hashed
         if rule.action == "partial":
-            keep_last, mask = rule.keep_last, f"[REDACTED:{rule.name}]"
+            keep_last, marker = rule.keep_last, mask(rule.name)
 
             def partial(value: Any) -> str | None:
                 if isinstance(value, str):
                     new = None if _is_marker(value) else _partial(value, keep_last)
                     return None if new == value else new
-                return None if value is None else mask
+                return None if value is None else marker
 
             return partial
-        mask = f"[REDACTED:{rule.name}]"
+        marker = mask(rule.name)
 
         def masked(value: Any) -> str | None:
-            if value is None or value == mask or (isinstance(value, str) and _is_marker(value)):
+            if value is None or value == marker or (isinstance(value, str) and _is_marker(value)):
                 return None
-            return mask
+            return marker
 
         return masked
 
@@ -518,7 +536,7 @@ class Redactor:
             pieces: list[str] = []
             position = 0
             replaced = 0
-            for start, end, label in _outside_markers(text, _merged(spans)):
+            for start, end, label in to_replace(text, spans):
                 match = text[start:end]
                 new = replacement(match, label)
                 pieces += (text[position:start], new)
@@ -539,7 +557,7 @@ class Redactor:
         if rule.action == "partial":
             keep_last = rule.keep_last
             return lambda match, _: _partial(match, keep_last)
-        return lambda _, label: f"[REDACTED:{label}]"
+        return lambda _, label: mask(label)
 
 
 def _located(event: dict[str, Any], locate: paths.Locator | None) -> list[paths.Slot] | None:

@@ -4,7 +4,7 @@ every hit counted by rule and action (never by value)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,8 @@ import orjson
 from sidecar.config import Config, ConfigError
 from sidecar.logs import register_secret
 from sidecar.metrics import Metrics, Tally
-from sidecar.redaction.detectors import SECRET_DETECTORS
+from sidecar.redaction.detectors import SECRET_DETECTORS, Found, Text, scanner
+from sidecar.redaction.raw_json import PLAIN_DETECTORS, mask_in_json
 from sidecar.redaction.redactor import Hit, Redactor, build_redactor
 from sidecar.redaction.rules import RedactionError, Rule
 
@@ -116,6 +117,13 @@ class RedactionStage:
         # The credential rule narrowed to the detectors a body can hold, made on first use:
         # each detector skipped saves a search through every string of the event.
         self._narrowed: dict[Detectors, Redactor] = {}
+        self._finders: dict[Detectors, Callable[[Text], list[Found]]] = {}
+        # Masking in the body is the credential rule's own work only while that rule is
+        # the built-in one: detectors anywhere, masked, for every agent.
+        self._in_body = secrets is not None and [
+            (rule.name, rule.action, rule.path, rule.patterns, rule.agent_ids)
+            for rule in secrets.rules
+        ] == [(BUILTIN_SECRETS_RULE, "mask", None, (), None)]
         self._tallies: Mapping[tuple[str, str], Tally] = {}
         if metrics is not None:
             # One series per rule and action from the start: a dashboard shows zeros.
@@ -145,16 +153,38 @@ class RedactionStage:
     def describe(self) -> list[str]:
         return [*(self.secrets.describe() if self.secrets else ()), *self.rules.describe()]
 
-    def possible_secrets(self, body: bytes) -> Detectors | None:
-        """The credential detectors to run on the events of a whole request body, decided
-        once for all of them; None: decide per event.
+    def mask_body(self, body: bytes) -> tuple[bytes, Detectors | None]:
+        """The request body to parse, with the credentials in it masked where that can be
+        done in its text (see raw_json), and the credential detectors still to run on each
+        of its events: decided once for all of them, or None to decide per event.
 
         Only a \\u escape can hide a trigger literal in raw JSON (no other escape
         produces one of their characters); with one, each event is checked after parsing.
         """
         if self.secrets is None or b"\\u" in body:
-            return None
-        return secret_detectors_in(body)
+            return body, None
+        names = secret_detectors_in(body)
+        if not names or not self._in_body or not PLAIN_DETECTORS.issuperset(names):
+            return body, names
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return body, names  # not JSON either: parsing refuses it
+        masked = mask_in_json(text, self._finder(names))
+        if masked is None:
+            return body, names
+        text, count = masked
+        if not count:
+            return body, ()
+        if self._tallies:
+            self._tallies[BUILTIN_SECRETS_RULE, "mask"].count += count
+        return text.encode(), ()
+
+    def _finder(self, names: Detectors) -> Callable[[Text], list[Found]]:
+        find = self._finders.get(names)
+        if find is None:
+            find = self._finders[names] = scanner(names)
+        return find
 
     def applies(self, possible_secrets: Detectors | None) -> bool:
         """Whether any rule can change an event of a body the pre-check decided on."""
