@@ -142,4 +142,7 @@ def interactions_of_batch(doc: Any) -> list[dict[str, Any]]:
             400, "INVALID_FIELD_TYPE", "interactions must be a non-empty array",
             "invalid_event", {"field": "interactions"},
         )
-    return [validate_interaction(item, i) for i, item in enumerate(items)]
+    for item in items:
+        if not _plainly_valid(item):
+            return [validate_interaction(item, i) for i, item in enumerate(items)]
+    return items
