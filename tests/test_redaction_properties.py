@@ -330,3 +330,25 @@ def test_matches_touching_a_marker_are_left_as_the_plain_check_says(
         if not any(span[0] < m.end() and m.start() < span[1] for m in _MARKERS.finditer(text))
     ]
     assert to_replace(text, spans) == expected
+
+
+# Secrets glued to each other and to the characters the detectors' boundary checks read:
+# masking one changes what its neighbour is glued to.
+glued = st.lists(
+    st.one_of(st.sampled_from(SECRETS), st.sampled_from([*"aZ9_-+.@%:", "jane@x.io", " "])),
+    max_size=6,
+).map("".join)
+
+
+@PROPERTY_SETTINGS
+@given(glued, st.sampled_from(["mask", "partial", "hash"]),
+       st.sampled_from([list(DETECTORS), [name for name, d in DETECTORS.items() if d.secret]]))
+def test_glued_secrets_redacting_twice_is_redacting_once(
+    text: str, action: str, detectors: list[str]
+) -> None:
+    redactor = build_redactor([{"name": "all", "detectors": detectors, "action": action}], KEY)
+    event = {"agentId": "a", "prompt": text, "response": {"r": [text]}}
+    redactor.redact(event)
+    once = copy.deepcopy(event)
+    assert redactor.redact(event) == []
+    assert event == once

@@ -154,8 +154,11 @@ def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
             span = check(text, shape, i, end)
             if span is not None:
                 spans.append(span)
-            # Past the whole match even when refused: a match starting inside it would be
-            # glued to the digits before it (a long digit run holds no card).
+                # A check may keep less than the regex read ("4111 1111 1111 1111 4111 ..."
+                # read as one 4-4-4-4-3 card): the next match may start after what it kept.
+                end = max(span[1], i + 1)
+            # Past the whole match when refused: a match starting inside it would be glued
+            # to the digits before it (a long digit run holds no card).
             i = shape.find(needle, end)
         return spans
 

@@ -7,7 +7,8 @@ rewriting the one that held the match (on a 2 KB event, about a third of the rul
 
 Two places the walk treats apart cannot be told apart cheaply in the text: object keys
 (never scanned) and agentId values (the top-level one is never scanned; a nested one is).
-A match in either leaves the whole body to the walk.
+A match in either leaves the whole body to the walk, as does a match glued to more text,
+which the walk looks at again once the match is masked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.redaction.detectors import DETECTORS, Found, Text
-from sidecar.redaction.redactor import mask, to_replace
+from sidecar.redaction.redactor import is_glued, mask, to_replace
 
 PLAIN_DETECTORS = frozenset(name for name, detector in DETECTORS.items() if detector.plain)
 
@@ -26,7 +27,7 @@ _AGENT_ID_KEY = '"agentId"'
 def mask_in_json(text: str, find: Callable[[Text], list[Found]]) -> tuple[str, int] | None:
     """``text``, a JSON document without ``\\u`` escapes, with every match of ``find``
     (plain detectors only) masked as the credential rule masks it, and how many were;
-    None if a match lies in a key or in an agentId value."""
+    None if a match lies in a key or in an agentId value, or is glued to more text."""
     spans = to_replace(text, find(Text(text)))
     if not spans:
         return text, 0
@@ -34,6 +35,8 @@ def mask_in_json(text: str, find: Callable[[Text], list[Found]]) -> tuple[str, i
     position = 0
     closing = -1  # the quote closing the string that holds the last match
     for start, end, label in spans:
+        if is_glued(text, start, end):
+            return None
         # Each string is looked at once, however many matches it holds: a long prompt
         # full of keys must not be searched back to its start for every one of them.
         if start > closing:

@@ -256,6 +256,22 @@ def to_replace(text: str, spans: list[Span]) -> list[Span]:
     return _outside_markers(text, _merged(spans))
 
 
+# What a detector's check may read as part of a match next to it (a word, a number, an
+# e-mail local part, an IPv6 run).
+_GLUE = frozenset("_-+.@%:")
+# Glued matches are rare, and each look again replaces at least one more; a bound all
+# the same, as a partial replacement keeps some of the text it replaces.
+MAX_RESCANS = 8
+
+
+def is_glued(text: str, start: int, end: int) -> bool:
+    """Whether the text right before or after ``text[start:end]`` could belong to a match."""
+    for c in text[start - 1 : start] if start else "", text[end : end + 1]:
+        if c and (c.isalnum() or c in _GLUE):
+            return True
+    return False
+
+
 def mask(label: str) -> str:
     return f"[REDACTED:{label}]"
 
@@ -511,41 +527,62 @@ class Redactor:
         regexes, name = rule.regexes, rule.name
         rewrite = self._rewrite(rule)
 
+        def pattern_matches(text: str) -> list[Span]:
+            return [
+                (m.start(), m.end(), name)
+                for regex in regexes for m in regex.finditer(text) if m.end() > m.start()
+            ]
+
+        def matches(text: str) -> list[Span]:
+            spans = find(Text(text)) if find is not None else []
+            return spans + pattern_matches(text) if regexes else spans
+
         def scan(strings: _Strings, hits: list[Hit]) -> None:
             found: dict[int, list[Span]] = {}
             if find is not None and strings.texts:
                 spans = find(strings.joined())
                 if spans:
                     strings.split(spans, found)
-            for regex in regexes:
+            if regexes:
                 for i, text_i in enumerate(strings.texts):
-                    for m in regex.finditer(text_i):
-                        if m.end() > m.start():
-                            found.setdefault(i, []).append((m.start(), m.end(), name))
+                    spans = pattern_matches(text_i)
+                    if spans:
+                        found.setdefault(i, []).extend(spans)
             for i, spans in found.items():
-                rewrite(strings, i, spans, hits)
+                # A match glued to more text hid what that text is glued to; once it is
+                # replaced, the text may hold another match (redacting twice must change
+                # nothing), so the string is looked at again.
+                for _ in range(MAX_RESCANS):
+                    if not rewrite(strings, i, spans, hits):
+                        break
+                    spans = matches(strings.texts[i])
 
         return scan
 
-    def _rewrite(self, rule: Rule) -> Callable[[_Strings, int, list[Span], list[Hit]], None]:
+    def _rewrite(self, rule: Rule) -> Callable[[_Strings, int, list[Span], list[Hit]], bool]:
+        """Replace the spans in string i; whether a replaced one was glued to more text."""
         replacement = self._replacement(rule)
         hit = _hit_of(rule)
 
-        def rewrite(strings: _Strings, i: int, spans: list[Span], hits: list[Hit]) -> None:
+        def rewrite(strings: _Strings, i: int, spans: list[Span], hits: list[Hit]) -> bool:
             text = strings.texts[i]
             pieces: list[str] = []
             position = 0
             replaced = 0
+            glued = False
             for start, end, label in to_replace(text, spans):
                 match = text[start:end]
                 new = replacement(match, label)
                 pieces += (text[position:start], new)
                 position = end
-                replaced += new != match
+                if new != match:
+                    replaced += 1
+                    glued = glued or is_glued(text, start, end)
             if replaced:
                 pieces.append(text[position:])
                 key, trail = strings.replace(i, "".join(pieces))
                 hits += [hit(trail, key)] * replaced
+            return glued
 
         return rewrite
 
