@@ -104,13 +104,17 @@ class Detector:
 
 
 def _in_text(
-    needle: str, pattern: str, check: TextCheck, *, back: int = 0, gate: str = "", lead: str = ""
+    needle: str, pattern: str, check: TextCheck, *, back: int = 0, gate: str = "", lead: str = "",
+    token: bool = False,
 ) -> Finder:
     """Matches of ``pattern`` where ``needle`` occurs ``back`` characters into them.
 
     ``gate`` is a rare character of the needle: ``in`` rules a text out faster than ``find``.
     ``lead`` is what the matches start with, when the needle comes after it: comparing
     it rules most needles out for less than the regex call costs.
+    ``token``: the check refuses a match glued to a word before it, so such a needle is
+    passed over before the regex runs. Where every needle of a long run fails the regex
+    (``eyJ`` repeated), each would otherwise read the run to its end: quadratic time.
     """
     regex = re.compile(pattern)
     lead_end = len(lead) - back
@@ -123,7 +127,11 @@ def _in_text(
         i = text.find(needle, back)
         while i >= 0:
             start = i - back
-            m = None if lead and text[start : i + lead_end] != lead else regex.match(text, start)
+            skip = (lead and text[start : i + lead_end] != lead) or (
+                token and start > 0 and text[start - 1] in _TOKEN_CHARS
+                and not _after_escape(text, start)
+            )
+            m = None if skip else regex.match(text, start)
             if m is None:
                 i = text.find(needle, i + 1)
                 continue
@@ -140,6 +148,11 @@ def _in_text(
 def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
     """Matches of ``pattern`` in the shape, each starting with ``needle``."""
     regex = re.compile(pattern)
+    # A match refused by its check is passed over whole when it is one run of digits: a
+    # match starting inside it would be glued to the digits before it (a long digit run
+    # holds no card). Otherwise a match may start in its next group ("in 2024 4111 1111
+    # 1111 1111" is first read as 2024-4111-1111-1111-111).
+    skip_refused = needle.strip(b"0") == b""
 
     def find(t: Text) -> list[Span]:
         shape, text = t.shape, t.text
@@ -157,8 +170,8 @@ def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
                 # A check may keep less than the regex read ("4111 1111 1111 1111 4111 ..."
                 # read as one 4-4-4-4-3 card): the next match may start after what it kept.
                 end = max(span[1], i + 1)
-            # Past the whole match when refused: a match starting inside it would be glued
-            # to the digits before it (a long digit run holds no card).
+            elif not skip_refused:
+                end = i + 1
             i = shape.find(needle, end)
         return spans
 
@@ -343,7 +356,10 @@ def _iban(text: str, shape: bytes, start: int, end: int) -> Span | None:
     code = written.replace(" ", "")[:length]
     if len(code) < length:
         return None
-    cut = start + length + ((length - 1) // 4 if " " in written else 0)
+    # Written in groups when a space follows the first four: a space further on may only
+    # be the one before the next word ("SE45 5000 ..." vs "SE4550000000058398257466 SEK").
+    grouped = text[start + 4 : start + 5] == " "
+    cut = start + length + ((length - 1) // 4 if grouped else 0)
     if text[start:cut].replace(" ", "") != code or (cut < len(text) and shape[cut] in _SHAPE_WORD):
         return None
     # Moved to the end, the country code becomes digits too; most account numbers are
@@ -544,10 +560,12 @@ _ALL = (
         "jwt",
         _in_text(
             "J",
-            rf"eyJ{_B64URL}{{2,}}\.{_B64URL}{{2,}}\.{_B64URL}*",
+            # Possessive: no class here holds the dot, so giving back never helps.
+            rf"eyJ{_B64URL}{{2,}}+\.{_B64URL}{{2,}}+\.{_B64URL}*+",
             _token_start,
             back=2,
             lead="ey",
+            token=True,
         ),
         secret=True,
         plain=True,

@@ -257,8 +257,8 @@ def to_replace(text: str, spans: list[Span]) -> list[Span]:
 
 
 # What a detector's check may read as part of a match next to it (a word, a number, an
-# e-mail local part, an IPv6 run).
-_GLUE = frozenset("_-+.@%:")
+# e-mail local part, an IPv6 run, a phone number's "(555)").
+_GLUE = frozenset("_-+.@%:(")
 # Glued matches are rare, and each look again replaces at least one more; a bound all
 # the same, as a partial replacement keeps some of the text it replaces.
 MAX_RESCANS = 8
