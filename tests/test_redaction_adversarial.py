@@ -1,7 +1,6 @@
 """Adversarial redaction: values in a row, at the edges of a string, between non-ASCII
 text, CRLF, tabs and JSON escapes; the masking of request bodies against the walk; and
-the leaks found: fixed ones as plain tests, open ones as strict xfails, so that fixing
-one shows up here."""
+each leak these tests found, fixed."""
 
 from __future__ import annotations
 
@@ -63,10 +62,9 @@ SEPARATORS = [
     " and ", " é ", "\u00a0", "\u3000", "\uff0c", "\u3002", "\u2014", " \U0001f600 ",
 ]
 # What may come before the first value and after the last one: nothing (the very start or
-# end of the string), non-ASCII text, escapes, brackets, quotes. ("..." only after: an
-# IPv4 address right after a dot is not found, see the xfail below.)
-EDGES = ["", " ", "é", "日本語 ", "\t", "\r\n", "\\n", "(", ")", '"', "'", "«", "»", "<", ">",
-         "[", "]", "\u200b", "\ufeff", "\U0001f600", ": ", ". ", "\\t"]
+# end of the string), non-ASCII text, escapes, brackets, quotes, an ellipsis.
+EDGES = ["", " ", "...", "é", "日本語 ", "\t", "\r\n", "\\n", "(", ")", '"', "'", "«", "»", "<",
+         ">", "[", "]", "\u200b", "\ufeff", "\U0001f600", ": ", ". ", "\\t"]
 
 
 def mask_all(text: str, detectors: list[str] | None = None, action: str = "mask") -> str:
@@ -334,6 +332,14 @@ def test_an_iban_after_a_refused_candidate_is_found(text: str) -> None:
     assert found("iban", text)[-1].startswith("DE89")
 
 
+@pytest.mark.parametrize("text", ["Connecting...10.0.0.1", "at 10.0.0.1...10.0.0.2 down"])
+def test_an_ipv4_address_after_an_ellipsis_is_found(text: str) -> None:
+    """The dot-and-digits tail is first read from the ellipsis' last dot; the address starts
+    after it. (Right after a word, "notes.10.0.0.1" reads as a dotted name, as "x.1.2.3.4"
+    in tests/test_redaction.py does.)"""
+    assert found("ipv4", text)[0] == "10.0.0.1"
+
+
 @pytest.mark.parametrize("text", [
     "jane@example.com(555) 123-4567",
     "10.0.0.1(555) 123-4567",
@@ -346,38 +352,19 @@ def test_a_phone_in_parentheses_right_after_a_match_is_masked_at_once(text: str)
     assert once == again
 
 
-# -- leaks found, not fixed yet (strict xfails: each one failing today) -------------------
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "ipv6: 'label:::1' is missed although 'id:2001:db8::7334' is found: _ipv6_in only "
-    "tries the part after the label when it does not start with ':' (detectors.py, "
-    "_ipv6_in: 'text[label_end + 1 : label_end + 2] == \":\"' returns None)"))
 @pytest.mark.parametrize(("text", "address"), [
     ("host:::1", "::1"),
     ("ip:::ffff:10.0.0.1", "::ffff:10.0.0.1"),
 ])
-def test_leak_ipv6_starting_with_colons_after_a_label(text: str, address: str) -> None:
+def test_an_ipv6_address_starting_with_colons_after_a_label_is_found(
+    text: str, address: str
+) -> None:
     assert found("ipv6", text) == [address]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "partial action: what it keeps of an IPv6 address can be an address itself "
-    "('fe80::1' -> '****::1', '2001:db8::1' -> '*******8::1'), which the next "
-    "redaction changes again (redactor.py, _partial keeps the last characters, and only "
-    "masks and hmac tags are skipped as already redacted)"))
 @pytest.mark.parametrize("text", ["fe80::1", "addr 2001:db8::1 up"])
-def test_leak_partial_ipv6_is_not_idempotent(text: str) -> None:
+def test_the_partial_action_on_an_ipv6_address_is_idempotent(text: str) -> None:
+    """What partial keeps of "fe80::1" ("****::1") is an address again: the string is
+    looked at again until nothing is left to find."""
     once, again = twice(text, "partial")
     assert once == again
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "ipv4: an address right after a dot ('Connecting...10.0.0.1', 'see notes.10.0.0.1') is "
-    "missed: _IPV4_TAIL.finditer starts the tail at the dot *before* the first octet "
-    "('.10.0.0'), _ipv4 then finds no first octet before that dot and refuses, and "
-    "finditer resumes after that tail (detectors.py, _find_ipv4/_ipv4). The listed "
-    "negative 'x.1.2.3.4' passes through this same path, so it may be partly deliberate"))
-@pytest.mark.parametrize("text", ["Connecting...10.0.0.1", "see notes.10.0.0.1 for the host"])
-def test_leak_ipv4_right_after_a_dot(text: str) -> None:
-    assert found("ipv4", text) == ["10.0.0.1"]

@@ -413,10 +413,17 @@ def _find_ipv4(t: Text) -> list[Span]:
         return []
     text = t.text
     spans: list[Span] = []
-    for m in _IPV4_TAIL.finditer(text):
-        span = _ipv4(text, shape, *m.span())
+    position = 0
+    while (m := _IPV4_TAIL.search(text, position)) is not None:
+        dot, position = m.span()
+        span = _ipv4(text, shape, dot, position)
         if span is not None:
             spans.append(span)
+        elif dot == 0 or shape[dot - 1] not in _SHAPE_WORD:
+            # "Connecting...10.0.0.1": the tail began at a dot of the text before the
+            # address, which starts after it. (After a word, as in "x.1.2.3.4", it is a
+            # dotted name, not an address.)
+            position = dot + 1
     return spans
 
 
@@ -462,8 +469,9 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
     if not glued and _ipv6_address(text, start, end):
         return start, end
     # After a label or a colon: "ip:2001:db8::1" (the "d:" of "id:" is hex), ":2001:db8::1".
+    # "host:::1": the address after the label may itself start with "::".
     label_end = text.find(":", start, end)
-    if label_end < 0 or text[label_end + 1 : label_end + 2] == ":":
+    if label_end < 0:
         return None
     return (label_end + 1, end) if _ipv6_address(text, label_end + 1, end) else None
 

@@ -259,8 +259,9 @@ def to_replace(text: str, spans: list[Span]) -> list[Span]:
 # What a detector's check may read as part of a match next to it (a word, a number, an
 # e-mail local part, an IPv6 run, a phone number's "(555)").
 _GLUE = frozenset("_-+.@%:(")
-# Glued matches are rare, and each look again replaces at least one more; a bound all
-# the same, as a partial replacement keeps some of the text it replaces.
+# Glued matches are rare, and each look again replaces at least one more and leaves
+# fewer characters that could match (a partial replacement stars at least half of its);
+# a bound all the same.
 MAX_RESCANS = 8
 
 
@@ -560,9 +561,12 @@ class Redactor:
         return scan
 
     def _rewrite(self, rule: Rule) -> Callable[[_Strings, int, list[Span], list[Hit]], bool]:
-        """Replace the spans in string i; whether a replaced one was glued to more text."""
+        """Replace the spans in string i; whether the string may now hold another match:
+        a replaced one was glued to more text, or kept some of its own (``partial``: the
+        last characters of "fe80::1" are an address again)."""
         replacement = self._replacement(rule)
         hit = _hit_of(rule)
+        keeps_text = rule.action == "partial"
 
         def rewrite(strings: _Strings, i: int, spans: list[Span], hits: list[Hit]) -> bool:
             text = strings.texts[i]
@@ -577,7 +581,7 @@ class Redactor:
                 position = end
                 if new != match:
                     replaced += 1
-                    glued = glued or is_glued(text, start, end)
+                    glued = glued or keeps_text or is_glued(text, start, end)
             if replaced:
                 pieces.append(text[position:])
                 key, trail = strings.replace(i, "".join(pieces))
