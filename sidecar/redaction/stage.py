@@ -56,10 +56,9 @@ SECRET_TRIGGERS = re.compile(
 # some hundred times faster than any regex over a large body, and most bodies lack most
 # of these bytes. Each group's gate is the shared byte, then what follows it in each
 # detector's literal: the byte in front lets the engine skip to it (a regex holding all
-# literals at once, like SECRET_TRIGGERS, tries every alternative at every byte). Where
-# the gate matches, each detector of the group is tried at that very place, so one pass
-# over the body names them all. tests/test_redaction_e2e.py checks that both name the
-# same bodies.
+# literals at once, like SECRET_TRIGGERS, tries every alternative at every byte). Only
+# from where the gate first matches is each detector of the group looked for on its own.
+# tests/test_redaction_e2e.py checks that both name the same bodies.
 _Group = tuple[bytes, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes]], ...]]
 
 
@@ -89,20 +88,14 @@ def secret_detectors_in(data: bytes) -> Detectors:
         if byte not in data:
             continue
         m = gate.search(data)
-        if m is not None and len(members) == 1:
+        if m is None:
+            continue
+        if len(members) == 1:
             found.append(members[0][0])
             continue
-        pending = list(members)
-        while m is not None:
-            at = m.start()
-            # Two literals can share the byte ("sk-----BEGIN"): try each one here.
-            for member in pending[:]:
-                if member[1].match(data, at):
-                    found.append(member[0])
-                    pending.remove(member)
-            if not pending:
-                break
-            m = gate.search(data, at + 1)
+        # Each detector of the group from the first place any of them matched on.
+        at = m.start()
+        found += [name for name, regex in members if regex.search(data, at)]
     if not found:
         return ()
     return tuple(name for name in SECRET_DETECTORS if name in found)
