@@ -438,6 +438,8 @@ def _ipv6_run(text: str, colon: int) -> Span:
     start = colon
     while start > 0 and text[start - 1] in _V6_CHARS and colon - start < _MAX_V6_RUN:
         start -= 1
+    if _after_escape(text, start + 1):
+        start += 1  # "\b2001:db8::1": the b (a hex digit) belongs to the escape
     tail = _V6_TAIL.match(text, colon)
     return start, tail.end() if tail else colon
 
