@@ -446,11 +446,12 @@ def _ipv6_run(text: str, colon: int) -> Span:
 
 def _ipv6_address(text: str, start: int, end: int) -> bool:
     candidate = text[start:end]
-    # A digit: "A::B" is C++, not an address; and a time such as 12:30:45 has neither "::"
-    # nor the six or more colons of a full address.
-    if len(candidate) > 45 or not any(c.isdigit() for c in candidate):
+    # A time such as 12:30:45 has neither "::" nor the six or more colons of a full
+    # address; and a digit: "A::B" is C++, not an address. (Cheapest first: this runs
+    # for every time of day in a log.)
+    if len(candidate) > 45 or ("::" not in candidate and candidate.count(":") < 6):
         return False
-    if "::" not in candidate and candidate.count(":") < 6:
+    if _ANY_DIGIT.search(candidate) is None:
         return False
     try:
         ipaddress.IPv6Address(candidate)
@@ -465,8 +466,8 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
         end -= 1
     if text[end - 2 : end] != "::" and text[end - 1 : end] == ":":
         end -= 1
-    if end < len(text) and text[end] in _TOKEN_CHARS:
-        return None
+    if (end < len(text) and text[end] in _TOKEN_CHARS) or not _ANY_DIGIT.search(text, start, end):
+        return None  # glued to a word after it, or no digit (see _ipv6_address)
     glued = start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start)
     if not glued and _ipv6_address(text, start, end):
         return start, end
