@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _SECRETS: set[str] = set()
 _MASK = "********"
@@ -27,6 +28,19 @@ def scrub(text: str) -> str:
     return text
 
 
+def _without_request_bytes(record: logging.LogRecord) -> bool:
+    """aiohttp logs a malformed request with the bytes it could not parse, a header line
+    or a chunk of the body: keep the kind of error, drop those bytes."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.msg = f"{record.getMessage()}: {type(error).__name__} (HTTP {error.code}); " \
+            "the request's bytes are not logged"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 class _ScrubbingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
@@ -39,13 +53,15 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
         if fields:
             line.update(fields)
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = scrub(self.formatException(record.exc_info))
+        # Scrubbed before and after escaping: a secret holding a quote or a backslash is
+        # escaped in the line, and the fields are only scrubbed here.
         return scrub(orjson.dumps(line, default=str).decode())
 
 
@@ -57,6 +73,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             _ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
+    handler.addFilter(_without_request_bytes)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Only our own loggers follow log.level: libraries at debug print SQL parameters and

@@ -32,6 +32,7 @@ from sidecar.forwarder.retry import (
     decide,
     failure_reason,
 )
+from sidecar.logs import scrub
 from sidecar.metrics import Metrics
 from sidecar.spool import Spool, SpoolUnavailable, StoredEvent
 
@@ -294,6 +295,8 @@ class Forwarder:
 
 
 def _describe(outcome: Outcome) -> str:
+    """The outcome as kept with the events and logged: an upstream's error body may quote
+    the API key it was sent, so known secrets are scrubbed from it."""
     if outcome.status is None:
-        return f"{outcome.error}: {outcome.body}"
-    return f"HTTP {outcome.status}: {outcome.body[:300]}"
+        return scrub(f"{outcome.error}: {outcome.body}")
+    return f"HTTP {outcome.status}: {scrub(outcome.body)[:300]}"

@@ -31,6 +31,7 @@ from sidecar.redaction.rules import RedactionError, Rule, parse_rules
 # What redaction writes: found again in a text, it is left alone, which makes redacting
 # twice the same as redacting once.
 _MARKERS = re.compile(r"\[REDACTED:[A-Za-z0-9_.-]+\]|hmac:[0-9a-f]{16}")
+_WORDY = re.compile(r"[^\W_]")  # a letter or a digit
 
 Span = tuple[int, int, str]  # start, end, the label a mask shows
 
@@ -235,6 +236,10 @@ def _merged(spans: list[Span]) -> list[Span]:
 
 
 def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
+    """The spans without what an earlier redaction wrote inside or across them: a match
+    holding a marker (a rule's pattern over a line with a masked key in it) is replaced
+    around it, never skipped. Of a span cut by markers, pieces without a letter or digit
+    are left: they hold nothing, and replacing them would make a second run differ."""
     # Every marker holds a colon: one memchr rules most texts out.
     if ":" not in text or ("[REDACTED:" not in text and "hmac:" not in text):
         return spans
@@ -242,11 +247,21 @@ def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
     # Both in order and apart (spans merged): one pass over each, however many there are.
     kept: list[Span] = []
     i = 0
-    for span in spans:
-        while i < len(markers) and markers[i][1] <= span[0]:
+    for start, end, label in spans:
+        while i < len(markers) and markers[i][1] <= start:
             i += 1
-        if i == len(markers) or span[1] <= markers[i][0]:
-            kept.append(span)
+        if i == len(markers) or end <= markers[i][0]:
+            kept.append((start, end, label))
+            continue
+        position = start
+        j = i
+        while j < len(markers) and markers[j][0] < end:
+            if _WORDY.search(text, position, markers[j][0]):
+                kept.append((position, markers[j][0], label))
+            position = max(position, markers[j][1])
+            j += 1
+        if position < end and _WORDY.search(text, position, end):
+            kept.append((position, end, label))
     return kept
 
 
