@@ -215,31 +215,24 @@ async def test_credential_inside_a_fake_marker(
     assert OPENAI.encode() not in await stored_and_sent(sidecar, fake, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "redactor.py _MARKERS treats hmac:<16 hex> as a pseudonym: a 16-digit card number "
-    "right after 'hmac:' is left in clear by a credit_card rule"))
-async def test_card_number_after_hmac_prefix(
-    start_sidecar: StartSidecar, fake: FakePrecogX
+@pytest.mark.parametrize("sent", [
+    pytest.param(event(prompt="card hmac:4111111111111111 thanks"), marks=pytest.mark.xfail(
+        strict=True, reason=(
+            "redactor.py _MARKERS treats hmac:<16 hex> as a pseudonym: a 16-digit card "
+            "number right after 'hmac:' is left in clear by a credit_card rule")),
+        id="after-hmac-prefix"),
+    pytest.param(event(metadata={"card": 4111111111111111}), marks=pytest.mark.xfail(
+        strict=True, reason=(
+            "detectors scan strings only (redactor.py _Strings): a card number sent as a "
+            "JSON number in metadata or toolCalls passes a credit_card rule")),
+        id="as-json-number"),
+])
+async def test_card_number_written_oddly(
+    start_sidecar: StartSidecar, fake: FakePrecogX, sent: dict[str, Any]
 ) -> None:
     sidecar = await start_sidecar(redaction={"rules": [
         {"name": "cards", "detectors": ["credit_card"], "action": "mask"}]})
-    status, _ = await sidecar.post(
-        SINGLE, data=orjson.dumps(event(prompt="card hmac:4111111111111111 thanks")),
-        headers=JSON)
-    assert status == 202
-    assert b"4111111111111111" not in await stored_and_sent(sidecar, fake, 1)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "detectors scan strings only (redactor.py _Strings): a card number sent as a JSON "
-    "number in metadata or toolCalls passes a credit_card rule"))
-async def test_card_number_as_json_number(
-    start_sidecar: StartSidecar, fake: FakePrecogX
-) -> None:
-    sidecar = await start_sidecar(redaction={"rules": [
-        {"name": "cards", "detectors": ["credit_card"], "action": "mask"}]})
-    status, _ = await sidecar.post(
-        SINGLE, data=orjson.dumps(event(metadata={"card": 4111111111111111})), headers=JSON)
+    status, _ = await sidecar.post(SINGLE, data=orjson.dumps(sent), headers=JSON)
     assert status == 202
     assert b"4111111111111111" not in await stored_and_sent(sidecar, fake, 1)
 
@@ -247,13 +240,19 @@ async def test_card_number_as_json_number(
 # -- the Dify extension ---------------------------------------------------------------
 
 
+async def with_extension(start_sidecar: StartSidecar, rule: dict[str, Any]) -> Sidecar:
+    """A sidecar answering Dify's extension calls, pairing them quickly, with one rule."""
+    return await start_sidecar(
+        dify={"extension_token": EXT_TOKEN, "pair_idle_s": 0.05, "input_wait_s": 0.2},
+        redaction={"rules": [rule]},
+    )
+
+
 async def test_dify_inline_rule_masks_what_the_model_sees(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
-    sidecar = await start_sidecar(
-        dify={"extension_token": EXT_TOKEN, "pair_idle_s": 0.05, "input_wait_s": 0.2},
-        redaction={"rules": [{"name": "pii", "detectors": ["email"], "action": "mask",
-                              "inline": True}]},
+    sidecar = await with_extension(
+        start_sidecar, {"name": "pii", "detectors": ["email"], "action": "mask", "inline": True}
     )
     status, answer = await dify(sidecar, "app.moderation.input", {
         "app_id": "a1", "query": "mail jane@example.com", "inputs": {"to": "bob@example.org"}})
@@ -271,9 +270,8 @@ async def test_dify_inline_rule_masks_what_the_model_sees(
 async def test_dify_inputs_without_query_escape_an_inputs_rule(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
-    sidecar = await start_sidecar(
-        dify={"extension_token": EXT_TOKEN, "pair_idle_s": 0.05, "input_wait_s": 0.2},
-        redaction={"rules": [{"name": "ssn", "path": "metadata.inputs.ssn", "action": "mask"}]},
+    sidecar = await with_extension(
+        start_sidecar, {"name": "ssn", "path": "metadata.inputs.ssn", "action": "mask"}
     )
     status, _ = await dify(sidecar, "app.moderation.input", {
         "app_id": "a2", "query": "", "inputs": {"ssn": "078-05-1120"}})
@@ -285,10 +283,8 @@ async def test_dify_inputs_without_query_escape_an_inputs_rule(
 async def test_dify_inline_marker_unmasks_a_private_key(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
-    sidecar = await start_sidecar(
-        dify={"extension_token": EXT_TOKEN, "pair_idle_s": 0.05, "input_wait_s": 0.2},
-        redaction={"rules": [{"name": "pii", "detectors": ["email"], "action": "mask",
-                              "inline": True}]},
+    sidecar = await with_extension(
+        start_sidecar, {"name": "pii", "detectors": ["email"], "action": "mask", "inline": True}
     )
     await dify(sidecar, "app.moderation.input", {
         "app_id": "a3", "query": f"{PRIVATE_KEY} mail jane@example.com", "inputs": {}})
