@@ -200,10 +200,6 @@ async def test_region_pattern_covering_a_masked_credential(
     assert b"John Q. Customer" not in blob
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "redactor.py _MARKERS accepts any [REDACTED:<A-Za-z0-9_.->] as a marker and "
-    "_outside_markers skips matches inside it: a credential written as [REDACTED:<key>] "
-    "is never masked by builtin-secrets"))
 async def test_credential_inside_a_fake_marker(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:

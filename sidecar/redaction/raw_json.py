@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.redaction.detectors import DETECTORS, Found, Text
-from sidecar.redaction.redactor import is_glued, mask, to_replace
+from sidecar.redaction.redactor import Markers, is_glued, mask, to_replace
 
 PLAIN_DETECTORS = frozenset(name for name, detector in DETECTORS.items() if detector.plain)
 
@@ -24,11 +24,14 @@ _SPACE = " \t\n\r"  # JSON's whitespace
 _AGENT_ID_KEY = '"agentId"'
 
 
-def mask_in_json(text: str, find: Callable[[Text], list[Found]]) -> tuple[str, int] | None:
+def mask_in_json(
+    text: str, find: Callable[[Text], list[Found]], markers: Markers
+) -> tuple[str, int] | None:
     """``text``, a JSON document without ``\\u`` escapes, with every match of ``find``
-    (plain detectors only) masked as the credential rule masks it, and how many were;
-    None if a match lies in a key or in an agentId value, or is glued to more text."""
-    spans = to_replace(text, find(Text(text)))
+    (plain detectors only) masked as the credential rule masks it (``markers``: what it
+    leaves alone), and how many were; None if a match lies in a key or in an agentId
+    value, or is glued to more text."""
+    spans = to_replace(text, find(Text(text)), markers)
     if not spans:
         return text, 0
     pieces: list[str] = []

@@ -18,7 +18,7 @@ import itertools
 import json
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,16 @@ from sidecar.redaction import detectors, paths
 from sidecar.redaction.detectors import Text
 from sidecar.redaction.rules import RedactionError, Rule, parse_rules
 
-# What redaction writes: found again in a text, it is left alone, which makes redacting
-# twice the same as redacting once.
-_MARKERS = re.compile(r"\[REDACTED:[A-Za-z0-9_.-]+\]|hmac:[0-9a-f]{16}")
+Markers = re.Pattern[str]
+
+
+def markers_of(labels: Iterable[str]) -> Markers:
+    """What redaction writes, with the labels a redactor can write (its detectors' and its
+    rules' names): found again in a text, it is left alone, which makes redacting twice
+    the same as redacting once. Only those labels: "[REDACTED:sk-proj-...]" typed by a
+    user is no marker, and the key in it is masked."""
+    names = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    return re.compile(rf"\[REDACTED:(?:{names})\]|hmac:[0-9a-f]{{16}}")
 _WORDY = re.compile(r"[^\W_]")  # a letter or a digit
 
 Span = tuple[int, int, str]  # start, end, the label a mask shows
@@ -124,9 +131,9 @@ def _scalar(value: Any) -> str:
         return json.dumps(repr(value))
 
 
-def _is_marker(text: str) -> bool:
+def _is_marker(text: str, markers: Markers) -> bool:
     # A marker starts with "[" or "h": that rules out most strings before the regex.
-    return text[:1] in "[h" and _MARKERS.fullmatch(text) is not None
+    return text[:1] in "[h" and markers.fullmatch(text) is not None
 
 
 def _partial(text: str, keep_last: int) -> str:
@@ -235,15 +242,16 @@ def _merged(spans: list[Span]) -> list[Span]:
     return merged
 
 
-def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
-    """The spans without what an earlier redaction wrote inside or across them: a match
+def _outside_markers(text: str, spans: list[Span], markers_in: Markers) -> list[Span]:
+    """The spans without what an earlier redaction wrote inside or across them (found by
+    ``markers_in``): a match
     holding a marker (a rule's pattern over a line with a masked key in it) is replaced
     around it, never skipped. Of a span cut by markers, pieces without a letter or digit
     are left: they hold nothing, and replacing them would make a second run differ."""
     # Every marker holds a colon: one memchr rules most texts out.
     if ":" not in text or ("[REDACTED:" not in text and "hmac:" not in text):
         return spans
-    markers = [m.span() for m in _MARKERS.finditer(text)]
+    markers = [m.span() for m in markers_in.finditer(text)]
     # Both in order and apart (spans merged): one pass over each, however many there are.
     kept: list[Span] = []
     i = 0
@@ -265,10 +273,10 @@ def _outside_markers(text: str, spans: list[Span]) -> list[Span]:
     return kept
 
 
-def to_replace(text: str, spans: list[Span]) -> list[Span]:
+def to_replace(text: str, spans: list[Span], markers: Markers) -> list[Span]:
     """The matches found in ``text`` as they are replaced, in order: overlapping ones as
     one, and none that touches what an earlier redaction wrote."""
-    return _outside_markers(text, _merged(spans))
+    return _outside_markers(text, _merged(spans), markers)
 
 
 # What a detector's check may read as part of a match next to it (a word, a number, an
@@ -441,6 +449,7 @@ class Redactor:
         if not hmac_key and any(rule.action == "hash" for rule in rules):
             raise RedactionError("a rule with action 'hash' needs an HMAC key")
         self.rules = rules
+        self.markers = markers_of([*detectors.DETECTORS, *(rule.name for rule in rules)])
         self._hmac = _Hmac(hmac_key) if hmac_key else None
         # Each rule compiled into closures once, so that applying it decides nothing that
         # the rule alone decides. By identity: rules put together by hand (built-in plus
@@ -491,12 +500,13 @@ class Redactor:
         selects, so it decides nothing the rule already decided."""
         if rule.action == "remove":
             return None
+        markers = self.markers
         if rule.action == "hash":
             assert self._hmac is not None  # build_redactor refuses hash rules without a key
             tag = self._hmac.tag
 
             def hashed(value: Any) -> str | None:
-                if value is None or (isinstance(value, str) and _is_marker(value)):
+                if value is None or (isinstance(value, str) and _is_marker(value, markers)):
                     return None
                 return tag(_canonical(value))
 
@@ -506,7 +516,7 @@ class Redactor:
 
             def partial(value: Any) -> str | None:
                 if isinstance(value, str):
-                    new = None if _is_marker(value) else _partial(value, keep_last)
+                    new = None if _is_marker(value, markers) else _partial(value, keep_last)
                     return None if new == value else new
                 return None if value is None else marker
 
@@ -514,9 +524,9 @@ class Redactor:
         marker = mask(rule.name)
 
         def masked(value: Any) -> str | None:
-            if value is None or value == marker or (isinstance(value, str) and _is_marker(value)):
+            if value is None or value == marker:
                 return None
-            return marker
+            return None if isinstance(value, str) and _is_marker(value, markers) else marker
 
         return masked
 
@@ -582,6 +592,7 @@ class Redactor:
         replacement = self._replacement(rule)
         hit = _hit_of(rule)
         keeps_text = rule.action == "partial"
+        markers = self.markers
 
         def rewrite(strings: _Strings, i: int, spans: list[Span], hits: list[Hit]) -> bool:
             text = strings.texts[i]
@@ -589,7 +600,7 @@ class Redactor:
             position = 0
             replaced = 0
             glued = False
-            for start, end, label in to_replace(text, spans):
+            for start, end, label in to_replace(text, spans, markers):
                 match = text[start:end]
                 new = replacement(match, label)
                 pieces += (text[position:start], new)

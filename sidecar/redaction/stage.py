@@ -163,7 +163,7 @@ class RedactionStage:
             text = body.decode()
         except UnicodeDecodeError:
             return body, names  # not JSON either: parsing refuses it
-        masked = mask_in_json(text, self._finder(names))
+        masked = mask_in_json(text, self._finder(names), self.secrets.markers)
         if masked is None:
             return body, names
         text, count = masked
