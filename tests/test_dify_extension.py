@@ -148,3 +148,26 @@ async def test_shutdown_records_open_conversations(start_sidecar: StartSidecar) 
     assert sorted((e["prompt"], e["response"]) for e in stored) == [
         ("q1", "partial ans"), ("q2", "")
     ]
+
+
+async def test_an_unwritable_conversation_is_refused_alone(
+    sidecar: Sidecar, fake: FakePrecogX
+) -> None:
+    """Inputs nested past the 255 levels orjson writes: that call gets a 400 (its answer
+    would echo them) and its conversation is refused and counted; the others, and the
+    sweeper that records them, go on."""
+    deep = b"[" * 300 + b'"x"' + b"]" * 300  # more than orjson itself would write
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "qa"})
+    status, _ = await sidecar.post(PATH, headers=DIFY_HEADERS, data=(
+        b'{"point":"app.moderation.input","params":{"app_id":"b","inputs":{"deep":'
+        + deep + b'},"query":"qb"}}'))
+    assert status == 400
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "ra"})
+    await call(sidecar, "app.moderation.output", {"app_id": "b", "text": "rb"})
+    await fake.wait_for_received(1)
+    await call(sidecar, "app.moderation.input", {"app_id": "c", "inputs": {}, "query": "qc"})
+    await call(sidecar, "app.moderation.output", {"app_id": "c", "text": "rc"})
+    await fake.wait_for_received(2)
+    assert {r["prompt"] for r in fake.received} == {"qa", "qc"}
+    status, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_event"} 2.0' in metrics

@@ -175,10 +175,14 @@ async def test_deeply_nested_event_is_refused_without_storing(
     sidecar = await start_sidecar()
     # orjson reads 1024 levels but writes only 255: the stored event cannot be written.
     inner = b"[" * 300 + orjson.dumps(OPENAI) + b"]" * 300
-    body = b'{"agentId":"a","prompt":"p","response":"r","metadata":{"d":' + inner + b"}}"
-    status, answer = await sidecar.post(SINGLE, data=body, headers=JSON)
-    assert status != 202
-    assert OPENAI not in str(answer)
+    for prompt in (b'"p"', b'"\\u0070"'):  # a \u escape: credentials checked per event
+        body = (b'{"agentId":"a","prompt":' + prompt + b',"response":"r","metadata":{"d":'
+                + inner + b"}}")
+        status, answer = await sidecar.post(SINGLE, data=body, headers=JSON)
+        assert status == 400, answer
+        assert answer["error"]["code"] == "INVALID_FIELD_TYPE"
+        assert "cannot be stored" in answer["error"]["message"]
+        assert OPENAI not in str(answer)
     assert OPENAI.encode() not in spool_bytes(sidecar)
     assert not fake.requests
 

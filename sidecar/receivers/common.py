@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.receivers.validation import Rejection
 from sidecar.redaction.stage import Detectors, RedactionStage
 from sidecar.spool import Spool
 
@@ -37,7 +38,8 @@ def spool_interactions(
     """Redact validated interactions and hand them to the spool.
 
     Returns their ids and the future of their commit. Redaction happens here, before
-    anything is serialised, so a redacted value never reaches the disk.
+    anything is serialised, so a redacted value never reaches the disk. Raises Rejection
+    for an event that cannot be written back as JSON; nothing is stored then.
     """
     if redact.applies(possible_secrets):
         for item in items:
@@ -51,10 +53,18 @@ def _stamped(items: list[dict[str, Any]], refs: list[str]) -> list[bytes]:
     """Name each event inside its own metadata, so an upstream can drop redeliveries."""
     dumps = orjson.dumps
     payloads = []
-    for item, ref in zip(items, refs, strict=True):
+    for index, (item, ref) in enumerate(zip(items, refs, strict=True)):
         metadata = item.get("metadata")
         if metadata is None:
             item["metadata"] = metadata = {}
         metadata["sidecar_event_id"] = ref
-        payloads.append(dumps(item))
+        try:
+            payloads.append(dumps(item))
+        except orjson.JSONEncodeError as e:
+            # orjson reads 1024 levels of nesting but writes only 255.
+            where = f"interactions[{index}]" if len(items) > 1 else "the interaction"
+            raise Rejection(
+                400, "INVALID_FIELD_TYPE", f"{where} cannot be stored: {e}", "invalid_event",
+                {"index": index} if len(items) > 1 else {},
+            ) from None
     return payloads

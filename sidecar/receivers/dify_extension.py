@@ -36,6 +36,7 @@ from aiohttp import web
 from sidecar.config import DifyConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
+from sidecar.receivers.validation import Rejection
 from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool
 
@@ -165,6 +166,10 @@ class DifyExtension:
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
+        except orjson.JSONEncodeError as e:
+            # The answer echoes the inputs, and orjson writes only 255 levels of nesting.
+            self.metrics.events_rejected.labels("invalid_event").inc()
+            return _error(400, f"params cannot be answered: {e}")
 
     def _answer(self, body: bytes) -> dict[str, Any]:
         try:
@@ -231,7 +236,19 @@ class DifyExtension:
         if not conversations:
             return
         items = [c.interaction() for c in conversations]
-        _, committed = spool_interactions(self.spool, self.redact, items)
+        try:
+            _, committed = spool_interactions(self.spool, self.redact, items)
+        except Rejection as e:
+            # One unwritable conversation (inputs nested past 255 levels) must neither
+            # stop the sweeper nor take the others with it: those are recorded one by
+            # one, and it is refused, counted and logged, as on ingest.
+            if len(conversations) > 1:
+                for conversation in conversations:
+                    self._record([conversation])
+                return
+            self.metrics.events_rejected.labels(e.reason).inc()
+            log.error("could not record a Dify conversation: %s", e.message)
+            return
         committed.add_done_callback(lambda f: self._recorded(f, len(items)))
 
     def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:

@@ -52,9 +52,12 @@ class Hit:
     path: str
 
 
-def build_redactor(raw_rules: list[Any], hmac_key: bytes | None) -> Redactor:
-    """Check every rule (raising RedactionError naming the first bad one) and compile them."""
-    return Redactor(parse_rules(raw_rules, hmac_key=hmac_key), hmac_key)
+def build_redactor(
+    raw_rules: list[Any], hmac_key: bytes | None, labels: Iterable[str] = ()
+) -> Redactor:
+    """Check every rule (raising RedactionError naming the first bad one) and compile them.
+    ``labels``: names of other rules of the same configuration, whose masks are markers."""
+    return Redactor(parse_rules(raw_rules, hmac_key=hmac_key), hmac_key, labels)
 
 
 class _Hmac:
@@ -444,12 +447,15 @@ def _at_slots(rule: Rule, locate: paths.Locator, new_value: NewValue | None) -> 
 
 
 class Redactor:
-    def __init__(self, rules: list[Rule], hmac_key: bytes | None) -> None:
+    def __init__(
+        self, rules: list[Rule], hmac_key: bytes | None, labels: Iterable[str] = ()
+    ) -> None:
         """Compile already checked rules (see ``build_redactor``)."""
         if not hmac_key and any(rule.action == "hash" for rule in rules):
             raise RedactionError("a rule with action 'hash' needs an HMAC key")
         self.rules = rules
-        self.markers = markers_of([*detectors.DETECTORS, *(rule.name for rule in rules)])
+        self.labels = {*detectors.DETECTORS, *(rule.name for rule in rules), *labels}
+        self.markers = markers_of(self.labels)
         self._hmac = _Hmac(hmac_key) if hmac_key else None
         # Each rule compiled into closures once, so that applying it decides nothing that
         # the rule alone decides. By identity: rules put together by hand (built-in plus

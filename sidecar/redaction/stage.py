@@ -136,7 +136,7 @@ class RedactionStage:
                 for rule in self.secrets.rules
             )
             rules = [rule for rule in kept if rule.scans_text]
-            narrowed = self._narrowed[names] = Redactor(rules, None)
+            narrowed = self._narrowed[names] = Redactor(rules, None, self.secrets.labels)
         return narrowed
 
     @property
@@ -191,7 +191,7 @@ class RedactionStage:
         hits: list[Hit] = []
         if self.secrets is not None:
             if possible_secrets is None:
-                possible_secrets = secret_detectors_in(orjson.dumps(event))
+                possible_secrets = _possible_secrets_of(event)
             if possible_secrets:
                 hits += self._secrets_for(possible_secrets).redact(event)
         if self.rules.rules:
@@ -201,6 +201,13 @@ class RedactionStage:
             for hit in hits:
                 tallies[hit.rule, hit.action].count += 1
         return hits
+
+
+def _possible_secrets_of(event: dict[str, Any]) -> Detectors:
+    try:
+        return secret_detectors_in(orjson.dumps(event))
+    except orjson.JSONEncodeError:  # nested past the 255 levels orjson writes: all of them
+        return SECRET_DETECTORS
 
 
 def build_stages(
@@ -213,11 +220,12 @@ def build_stages(
     """
     key = read_hmac_key(config)
     try:
-        rules = build_redactor(config.redaction.rules, key)
-        secrets = build_redactor([BUILTIN_SECRETS], None)
+        # Every stage leaves alone the masks of every rule of the configuration.
+        rules = build_redactor(config.redaction.rules, key, [BUILTIN_SECRETS_RULE])
+        secrets = build_redactor([BUILTIN_SECRETS], None, rules.labels)
     except RedactionError as e:
         raise ConfigError(str(e)) from None
-    inline = Redactor([rule for rule in rules.rules if rule.inline], key)
+    inline = Redactor([rule for rule in rules.rules if rule.inline], key, rules.labels)
     return (
         RedactionStage(rules, secrets if config.redaction.mask_secrets else None, metrics),
         RedactionStage(inline),
