@@ -31,6 +31,11 @@ class ConfigError(Exception):
     """A setting that cannot be used; ``str()`` is the one line shown to the operator."""
 
 
+# Shorter tokens are guessable, and a secret too short to scrub from logs safely (it
+# would mask ordinary words) must not exist.
+MIN_TOKEN_CHARS = 8
+
+
 def _opt(
     default: Any,
     *,
@@ -271,8 +276,22 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) ->
 def _check_cross_field(config: Config) -> None:
     url = config.upstream.url
     parsed = urllib.parse.urlsplit(url)
+    if "@" in parsed.netloc:
+        # Printed by check-config and in the log (and in the error below): the key
+        # belongs in its own setting.
+        raise ConfigError(
+            "upstream.url: must not hold credentials (user:password@); set the key with "
+            "PRECOGX_API_KEY or upstream.api_key_file"
+        )
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"upstream.url: must be an http:// or https:// URL, got {url!r}")
+    for key, token in (("server.ingest_token", config.server.ingest_token),
+                       ("dify.extension_token", config.dify.extension_token)):
+        if token and len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"{key}: must be at least {MIN_TOKEN_CHARS} characters "
+                f"(got {len(token)}; e.g. openssl rand -hex 16)"
+            )
     if config.retry.max_backoff_s < config.retry.initial_backoff_s:
         raise ConfigError(
             "retry.max_backoff_s: must be >= retry.initial_backoff_s "

@@ -590,3 +590,23 @@ def test_choices_ignore_case() -> None:
 def test_upstream_url_needs_scheme_and_host(url: str) -> None:
     with pytest.raises(ConfigError, match=r"upstream\.url"):
         config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
+
+
+@pytest.mark.parametrize(("variable", "key"), [
+    ("PRECOGX_SIDECAR_INGEST_TOKEN", "server.ingest_token"),
+    ("PRECOGX_SIDECAR_DIFY_EXTENSION_TOKEN", "dify.extension_token"),
+])
+def test_a_short_token_is_refused_without_showing_it(variable: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={variable: "s3cr3t7"})
+    assert str(info.value).startswith(f"{key}: must be at least 8 characters")
+    assert "s3cr3t7" not in str(info.value)
+    assert config.load(None, env={variable: "s3cr3t78"})  # eight will do
+
+
+@pytest.mark.parametrize("url", ["https://me:px_live_k@h.io/api/v1", "ftp://px_live_k@h.io"])
+def test_credentials_in_the_upstream_url_are_refused_without_showing_them(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
+    assert str(info.value).startswith("upstream.url: must not hold credentials")
+    assert "px_live_k" not in str(info.value)

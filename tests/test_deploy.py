@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 OVERRIDE = ROOT / "deploy" / "dify" / "docker-compose.override.yaml"
 DIFY_LIKE = ROOT / "tests" / "data" / "dify-docker-compose.yaml"
-ENV = {"PRECOGX_API_KEY": "px_test_key", "PRECOGX_SIDECAR_INGEST_TOKEN": "t0ken"}
+ENV = {"PRECOGX_API_KEY": "px_test_key", "PRECOGX_SIDECAR_INGEST_TOKEN": "t0ken-for-tests"}
 
 
 def tool(name: str, install: str) -> str:

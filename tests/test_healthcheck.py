@@ -12,7 +12,7 @@ from tests.conftest import ROOT, StartSidecar, sidecar_command
 async def healthcheck(port: int) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRECOGX_")}
     env.update(PYTHONPATH=str(ROOT), PRECOGX_SIDECAR_SERVER_PORT=str(port),
-               PRECOGX_SIDECAR_SERVER_HOST="0.0.0.0", PRECOGX_SIDECAR_INGEST_TOKEN="t0ken")
+               PRECOGX_SIDECAR_SERVER_HOST="0.0.0.0", PRECOGX_SIDECAR_INGEST_TOKEN="t0ken-ok")
     proc = await asyncio.create_subprocess_exec(
         *sidecar_command("healthcheck"), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
