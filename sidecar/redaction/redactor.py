@@ -38,6 +38,8 @@ def markers_of(labels: Iterable[str]) -> Markers:
     user is no marker, and the key in it is masked."""
     names = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
     return re.compile(rf"\[REDACTED:(?:{names})\]|hmac:[0-9a-f]{{16}}")
+
+
 _WORDY = re.compile(r"[^\W_]")  # a letter or a digit
 
 Span = tuple[int, int, str]  # start, end, the label a mask shows
