@@ -876,3 +876,15 @@ def test_hash_needs_a_key_of_sixteen_bytes() -> None:
 )
 def test_accepted_rules(raw: dict[str, Any]) -> None:
     assert build_redactor([raw], KEY).rules[0].name == raw["name"]
+
+
+def test_a_pseudonym_lookalike_is_one_only_where_a_rule_hashes() -> None:
+    """Text written like a pseudonym is left alone only by a configuration that writes
+    pseudonyms: elsewhere the card in "hmac:4111111111111111" is masked."""
+    cards = {"name": "cards", "detectors": ["credit_card"], "action": "mask"}
+    hashes = {"name": "ids", "path": "userId", "action": "hash"}
+    for rules, kept in (([cards], False), ([cards, hashes], True)):
+        event = {"agentId": "a", "prompt": "card hmac:4111111111111111", "response": ""}
+        build_redactor(rules, KEY).redact(event)
+        assert ("4111111111111111" in event["prompt"]) is kept
+

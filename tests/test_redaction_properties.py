@@ -306,11 +306,12 @@ def test_rules_applied_together_equal_rules_applied_one_by_one(
 ) -> None:
     event["agentId"] = agent
     alone = copy.deepcopy(event)
-    names = [rule["name"] for rule in rules]  # one configuration: each knows the others' masks
+    # One configuration: each rule knows what the others write.
+    together = build_redactor(rules, KEY)
     hits_alone = [
-        hit for rule in rules for hit in build_redactor([rule], KEY, names).redact(alone)
+        hit for rule in rules for hit in build_redactor([rule], KEY, together).redact(alone)
     ]
-    assert build_redactor(rules, KEY).redact(event) == hits_alone
+    assert together.redact(event) == hits_alone
     assert event == alone
 
 
@@ -331,7 +332,7 @@ def test_matches_are_replaced_around_markers_as_the_plain_check_says(
 
     from sidecar.redaction.redactor import _merged, markers_of, to_replace
 
-    known = markers_of(["x"])  # "[REDACTED:y]" is no marker of this redactor
+    known = markers_of(["x"], True)  # "[REDACTED:y]" is no marker of this redactor
     spans = [(start, start + length, "d") for start, length in starts_lengths]
     markers = [m.span() for m in known.finditer(text)]
     expected = []

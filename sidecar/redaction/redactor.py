@@ -31,13 +31,15 @@ from sidecar.redaction.rules import RedactionError, Rule, parse_rules
 Markers = re.Pattern[str]
 
 
-def markers_of(labels: Iterable[str]) -> Markers:
+def markers_of(labels: Iterable[str], pseudonyms: bool) -> Markers:
     """What redaction writes, with the labels a redactor can write (its detectors' and its
-    rules' names): found again in a text, it is left alone, which makes redacting twice
-    the same as redacting once. Only those labels: "[REDACTED:sk-proj-...]" typed by a
-    user is no marker, and the key in it is masked."""
+    rules' names) and, if it hashes, its pseudonyms: found again in a text, it is left
+    alone, which makes redacting twice the same as redacting once. Only those: a user's
+    "[REDACTED:sk-proj-...]" is no marker, nor "hmac:4111111111111111" where nothing
+    hashes, and what they hold is redacted."""
     names = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
-    return re.compile(rf"\[REDACTED:(?:{names})\]|hmac:[0-9a-f]{{16}}")
+    hashed = r"|hmac:[0-9a-f]{16}" if pseudonyms else ""
+    return re.compile(rf"\[REDACTED:(?:{names})\]{hashed}")
 
 
 _WORDY = re.compile(r"[^\W_]")  # a letter or a digit
@@ -55,11 +57,12 @@ class Hit:
 
 
 def build_redactor(
-    raw_rules: list[Any], hmac_key: bytes | None, labels: Iterable[str] = ()
+    raw_rules: list[Any], hmac_key: bytes | None, alongside: Redactor | None = None
 ) -> Redactor:
     """Check every rule (raising RedactionError naming the first bad one) and compile them.
-    ``labels``: names of other rules of the same configuration, whose masks are markers."""
-    return Redactor(parse_rules(raw_rules, hmac_key=hmac_key), hmac_key, labels)
+    ``alongside``: the redactor of the other rules of the same configuration, whose masks
+    and pseudonyms are markers here too."""
+    return Redactor(parse_rules(raw_rules, hmac_key=hmac_key), hmac_key, alongside)
 
 
 class _Hmac:
@@ -450,14 +453,19 @@ def _at_slots(rule: Rule, locate: paths.Locator, new_value: NewValue | None) -> 
 
 class Redactor:
     def __init__(
-        self, rules: list[Rule], hmac_key: bytes | None, labels: Iterable[str] = ()
+        self, rules: list[Rule], hmac_key: bytes | None, alongside: Redactor | None = None
     ) -> None:
         """Compile already checked rules (see ``build_redactor``)."""
-        if not hmac_key and any(rule.action == "hash" for rule in rules):
+        hashes = any(rule.action == "hash" for rule in rules)
+        if not hmac_key and hashes:
             raise RedactionError("a rule with action 'hash' needs an HMAC key")
         self.rules = rules
-        self.labels = {*detectors.DETECTORS, *(rule.name for rule in rules), *labels}
-        self.markers = markers_of(self.labels)
+        self.labels = {*detectors.DETECTORS, *(rule.name for rule in rules)}
+        self.pseudonyms = hashes
+        if alongside is not None:
+            self.labels |= alongside.labels
+            self.pseudonyms |= alongside.pseudonyms
+        self.markers = markers_of(self.labels, self.pseudonyms)
         self._hmac = _Hmac(hmac_key) if hmac_key else None
         # Each rule compiled into closures once, so that applying it decides nothing that
         # the rule alone decides. By identity: rules put together by hand (built-in plus

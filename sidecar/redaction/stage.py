@@ -136,7 +136,7 @@ class RedactionStage:
                 for rule in self.secrets.rules
             )
             rules = [rule for rule in kept if rule.scans_text]
-            narrowed = self._narrowed[names] = Redactor(rules, None, self.secrets.labels)
+            narrowed = self._narrowed[names] = Redactor(rules, None, self.secrets)
         return narrowed
 
     @property
@@ -220,12 +220,12 @@ def build_stages(
     """
     key = read_hmac_key(config)
     try:
-        # Every stage leaves alone the masks of every rule of the configuration.
-        rules = build_redactor(config.redaction.rules, key, [BUILTIN_SECRETS_RULE])
-        secrets = build_redactor([BUILTIN_SECRETS], None, rules.labels)
+        # Every stage leaves alone what any rule of the configuration writes.
+        rules = build_redactor(config.redaction.rules, key)
+        secrets = build_redactor([BUILTIN_SECRETS], None, rules)
     except RedactionError as e:
         raise ConfigError(str(e)) from None
-    inline = Redactor([rule for rule in rules.rules if rule.inline], key, rules.labels)
+    inline = Redactor([rule for rule in rules.rules if rule.inline], key, rules)
     return (
         RedactionStage(rules, secrets if config.redaction.mask_secrets else None, metrics),
         RedactionStage(inline),
