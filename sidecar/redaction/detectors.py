@@ -128,8 +128,7 @@ def _in_text(
         while i >= 0:
             start = i - back
             skip = (lead and text[start : i + lead_end] != lead) or (
-                token and start > 0 and text[start - 1] in _TOKEN_CHARS
-                and not _after_escape(text, start)
+                token and _glued_to_token(text, start)
             )
             m = None if skip else regex.match(text, start)
             if m is None:
@@ -181,6 +180,11 @@ def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
 def _after_escape(text: str, start: int) -> bool:
     """``\\n4111...``: in text holding escaped JSON the letter before belongs to the escape."""
     return start >= 2 and text[start - 2] == "\\" and text[start - 1] in "ntrbf"
+
+
+def _glued_to_token(text: str, start: int) -> bool:
+    """Whether what starts at ``start`` continues a token (a word, or ``-``/``_``)."""
+    return start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start)
 
 
 def _glued_before(text: str, shape: bytes, start: int) -> bool:
@@ -468,8 +472,7 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
         end -= 1
     if (end < len(text) and text[end] in _TOKEN_CHARS) or not _ANY_DIGIT.search(text, start, end):
         return None  # glued to a word after it, or no digit (see _ipv6_address)
-    glued = start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start)
-    if not glued and _ipv6_address(text, start, end):
+    if not _glued_to_token(text, start) and _ipv6_address(text, start, end):
         return start, end
     # After a label or a colon: "ip:2001:db8::1" (the "d:" of "id:" is hex), ":2001:db8::1".
     # "host:::1": the address after the label may itself start with "::".
@@ -505,9 +508,7 @@ def _find_ipv6(t: Text) -> list[Span]:
 
 def _token_start(text: str, start: int, end: int) -> Span | None:
     """A credential starts a token: ``task-based`` holds no ``sk-`` key."""
-    if start > 0 and text[start - 1] in _TOKEN_CHARS and not _after_escape(text, start):
-        return None
-    return start, end
+    return None if _glued_to_token(text, start) else (start, end)
 
 
 def _token_with_digit(text: str, start: int, end: int) -> Span | None:

@@ -37,7 +37,7 @@ def markers_of(labels: Iterable[str], pseudonyms: bool) -> Markers:
     alone, which makes redacting twice the same as redacting once. Only those: a user's
     "[REDACTED:sk-proj-...]" is no marker, nor "hmac:4111111111111111" where nothing
     hashes, and what they hold is redacted."""
-    names = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    names = "|".join(re.escape(label) for label in sorted(labels))
     hashed = r"|hmac:[0-9a-f]{16}" if pseudonyms else ""
     return re.compile(rf"\[REDACTED:(?:{names})\]{hashed}")
 
@@ -252,10 +252,10 @@ def _merged(spans: list[Span]) -> list[Span]:
 
 def _outside_markers(text: str, spans: list[Span], markers_in: Markers) -> list[Span]:
     """The spans without what an earlier redaction wrote inside or across them (found by
-    ``markers_in``): a match
-    holding a marker (a rule's pattern over a line with a masked key in it) is replaced
-    around it, never skipped. Of a span cut by markers, pieces without a letter or digit
-    are left: they hold nothing, and replacing them would make a second run differ."""
+    ``markers_in``): a match holding a marker (a rule's pattern over a line with a masked
+    key in it) is replaced around it, never skipped. Of a span cut by markers, pieces
+    without a letter or digit are left: they hold nothing, and replacing them would make
+    a second run differ."""
     # Every marker holds a colon: one memchr rules most texts out.
     if ":" not in text or ("[REDACTED:" not in text and "hmac:" not in text):
         return spans
@@ -377,8 +377,9 @@ Edit = tuple[str, NewValue | None, HitOf, frozenset[str] | None]
 
 
 def _edit(holder: dict[str, Any], name: str, new_value: NewValue | None) -> bool:
-    """Apply one rule to the object holding its name (``name in holder``); whether it
-    changed anything."""
+    """Apply one rule to the object holding its name; whether it changed anything."""
+    if name not in holder:
+        return False
     if new_value is None:
         del holder[name]
         return True
@@ -400,10 +401,7 @@ def _at_holder(
         if holder is None:
             return
         for name, new_value, hit, agents in fixed:
-            if (
-                name in holder and (agents is None or agent in agents)
-                and _edit(holder, name, new_value)
-            ):
+            if (agents is None or agent in agents) and _edit(holder, name, new_value):
                 hits.append(hit)
 
     return at_holder
@@ -420,7 +418,7 @@ def _at_holders(locate: paths.Locator, edits: list[Edit]) -> Step:
         for name, new_value, hit, agents in edits:
             if agents is None or agent in agents:
                 for holder, trail in holders:
-                    if name in holder and _edit(holder, name, new_value):
+                    if _edit(holder, name, new_value):
                         hits.append(hit(trail, name))
 
     return at_holders
