@@ -218,10 +218,8 @@ async def test_credential_inside_a_fake_marker(
 @pytest.mark.parametrize("sent", [
     # No rule hashes, so "hmac:..." is no pseudonym of this configuration.
     pytest.param(event(prompt="card hmac:4111111111111111 thanks"), id="after-hmac-prefix"),
-    pytest.param(event(metadata={"card": 4111111111111111}), marks=pytest.mark.xfail(
-        strict=True, reason=(
-            "detectors scan strings only (redactor.py _Strings): a card number sent as a "
-            "JSON number in metadata or toolCalls passes a credit_card rule")),
+    pytest.param(event(metadata={"card": 4111111111111111}, toolCalls=[
+        {"name": "pay", "input": {"card": 4111111111111111}}]),
         id="as-json-number"),
 ])
 async def test_card_number_written_oddly(

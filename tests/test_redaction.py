@@ -619,6 +619,34 @@ def test_detector_partial_and_hash() -> None:
     assert ev["response"] == f"mail {tag('jane@example.com')}"
 
 
+@pytest.mark.parametrize(("action", "expected"), [
+    ("mask", "[REDACTED:credit_card]"),
+    ("partial", "************1111"),
+    ("hash", tag("4111111111111111")),
+])
+def test_detectors_read_integers_as_their_digits(action: str, expected: str) -> None:
+    """A card number sent as a JSON number is a card number: its replacement is a string.
+    Integers the detectors do not match stay integers; booleans and floats are no digits
+    anyone types as a card."""
+    ev = event(userId=4111111111111111,
+               metadata={"card": 4111111111111111, "n": 5, "ok": True, "f": 4111111111111111.0},
+               toolCalls=[{"name": "pay", "input": {"cards": [4111111111111111, 12]}}])
+    hits = redact([{"name": "c", "detectors": ["credit_card"], "action": action}], ev)
+    assert ev["userId"] == ev["metadata"]["card"] == expected
+    assert ev["metadata"] == {"card": expected, "n": 5, "ok": True, "f": 4111111111111111.0}
+    assert ev["toolCalls"][0]["input"]["cards"] == [expected, 12]
+    assert sorted(h.path for h in hits) == ["metadata.card", "toolCalls[0].input.cards[0]",
+                                            "userId"]
+    assert redact([{"name": "c", "detectors": ["credit_card"], "action": action}], ev) == []
+
+
+def test_a_path_limited_detector_reads_the_integer_at_its_path() -> None:
+    ev = event(metadata={"card": 4111111111111111, "order": 4111111111111111})
+    redact([{"name": "c", "path": "metadata.card", "detectors": ["credit_card"]},
+            {"name": "p", "path": "metadata.order", "patterns": [r"^\d{16}$"]}], ev)
+    assert ev["metadata"] == {"card": "[REDACTED:credit_card]", "order": "[REDACTED:p]"}
+
+
 def test_overlapping_matches_are_replaced_as_one() -> None:
     ev = event(prompt="key -----BEGIN PRIVATE KEY-----\nx 10.0.0.1 a@b.co\n"
                       "-----END PRIVATE KEY----- end")

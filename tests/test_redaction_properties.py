@@ -249,8 +249,11 @@ def test_a_scanner_finds_what_its_detectors_find(text: str, names: list[str]) ->
 
 
 def _strings_of(value: Any, top: bool = False) -> list[str]:
+    """What the detectors read: strings, and integers as their digits."""
     if isinstance(value, str):
         return [value]
+    if type(value) is int:
+        return [str(value)]
     if isinstance(value, dict):
         return [s for k, v in value.items() if not (top and k == "agentId")
                 for s in _strings_of(v)]

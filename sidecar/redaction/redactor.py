@@ -180,6 +180,9 @@ class _Strings:
                         add_text(value)
                 elif isinstance(value, _CONTAINERS) and key != "agentId":
                     push((value, ((), key)))
+                elif type(value) is int:
+                    add_slot((event, key, ()))
+                    add_text(str(value))
         else:
             for container, key, value, trail in located:
                 if isinstance(value, str):
@@ -187,6 +190,9 @@ class _Strings:
                     add_text(value)
                 elif isinstance(value, _CONTAINERS):
                     push((value, (trail, key)))
+                elif type(value) is int:
+                    add_slot((container, key, trail))
+                    add_text(str(value))
         while stack:
             node, trail = stack.pop()
             for key, value in node.items() if isinstance(node, dict) else enumerate(node):
@@ -195,6 +201,9 @@ class _Strings:
                     add_text(value)
                 elif isinstance(value, _CONTAINERS):
                     push((value, (trail, key)))
+                elif type(value) is int:  # a card number sent as a JSON number
+                    add_slot((node, key, trail))
+                    add_text(str(value))
 
     def joined(self) -> Text:
         if self._joined is None:
