@@ -103,6 +103,31 @@ async def test_input_without_output_is_recorded_alone(
     assert fake.received[0]["response"] == ""
 
 
+async def test_without_a_query_the_inputs_meet_the_rules_on_both_names(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Rules name the inputs `metadata.inputs`; stored without a query they are the
+    prompt, and the rules on `prompt` apply to them as well. Each hit counts once."""
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 0.05, "input_wait_s": 0.2},
+        redaction={"rules": [
+            {"name": "ssn", "path": "metadata.inputs.ssn", "action": "mask"},
+            {"name": "mail", "path": "prompt", "detectors": ["email"], "action": "mask"},
+            {"name": "drop", "path": "metadata.inputs.note", "action": "remove"},
+        ]},
+    )
+    await call(sidecar, "app.moderation.input", {"app_id": "c", "query": "", "inputs": {
+        "ssn": "078-05-1120", "to": "jane@example.com", "note": "private", "n": 3}})
+    await fake.wait_for_received(1)
+    got = fake.received[0]
+    assert got["prompt"] == {"ssn": "[REDACTED:ssn]", "to": "[REDACTED:email]", "n": 3}
+    assert "inputs" not in got["metadata"]
+    _, metrics = await sidecar.get("/metrics")
+    for rule, action in (("ssn", "mask"), ("mail", "mask"), ("drop", "remove")):
+        line = f'precogx_sidecar_redactions_total{{action="{action}",rule="{rule}"}} 1.0'
+        assert line in metrics
+
+
 async def test_external_data_tool_answers_empty(sidecar: Sidecar) -> None:
     params = {"app_id": "a", "tool_variable": "weather", "inputs": {}, "query": "q"}
     assert await call(sidecar, "app.external_data_tool.query", params) == (200, {"result": ""})

@@ -259,10 +259,7 @@ async def test_dify_inline_rule_masks_what_the_model_sees(
         assert secret not in blob
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dify_extension.py Conversation.interaction stores the inputs as `prompt` when the "
-    "query is empty, so a (non-inline) rule on metadata.inputs.* never sees them"))
-async def test_dify_inputs_without_query_escape_an_inputs_rule(
+async def test_dify_inputs_without_query_meet_an_inputs_rule(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
     sidecar = await with_extension(

@@ -61,12 +61,14 @@ class Conversation:
     touched: float = field(default_factory=time.monotonic)
 
     def interaction(self) -> dict[str, Any]:
+        """As the rules see it, inline ones included: the query as `prompt`, the inputs as
+        `metadata.inputs` (see DifyExtension._interaction for an input without a query)."""
         metadata: dict[str, Any] = {"platform": "dify", "source": "api_extension"}
-        if self.query and self.inputs:
+        if self.inputs:
             metadata["inputs"] = self.inputs
         return {
             "agentId": f"dify-{self.app_id}",
-            "prompt": self.query if self.query or not self.inputs else self.inputs,
+            "prompt": self.query,
             "response": self.text or "",
             "appId": self.app_id,
             "metadata": metadata,
@@ -235,7 +237,7 @@ class DifyExtension:
     def _record(self, conversations: list[Conversation]) -> None:
         if not conversations:
             return
-        items = [c.interaction() for c in conversations]
+        items = [self._interaction(c) for c in conversations]
         try:
             _, committed = spool_interactions(self.spool, self.redact, items)
         except Rejection as e:
@@ -250,6 +252,21 @@ class DifyExtension:
             log.error("could not record a Dify conversation: %s", e.message)
             return
         committed.add_done_callback(lambda f: self._recorded(f, len(items)))
+
+    def _interaction(self, conversation: Conversation) -> dict[str, Any]:
+        """With no query (a completion app's form), PrecogX is to read the inputs as the
+        prompt, as the Dify guide sends a workflow's inputs. Rules know them as
+        `metadata.inputs`, so they are redacted there first and only then moved to
+        `prompt`, where spooling redacts them again for the rules on `prompt` (redacting
+        twice changes nothing else)."""
+        item = conversation.interaction()
+        if conversation.query or not conversation.inputs:
+            return item
+        self.redact(item)
+        metadata = item.get("metadata")
+        # A rule may have masked or hashed the inputs as a whole, or removed them.
+        item["prompt"] = metadata.pop("inputs", "") if isinstance(metadata, dict) else ""
+        return item
 
     def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:
         if committed.cancelled() or committed.exception() is not None:
