@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.redaction.stage import RedactionStage
 from tests.conftest import EXAMPLE_EVENT, ROOT, StartSidecar, sidecar_command, write_config
 from tests.fake_precogx import FakePrecogX
 
@@ -87,6 +89,44 @@ async def test_seeded_secrets_reach_neither_disk_nor_upstream(
     assert first["toolCalls"][0]["input"]["account"].endswith("3000")
     _, metrics = await sidecar.get("/metrics")
     assert 'precogx_sidecar_redactions_total{action="hash",rule="user"}' in metrics
+
+
+async def test_a_large_body_is_redacted_while_other_requests_are_answered(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Redaction can take about a second per MiB (the e-mail detector on "a@a@..."), so a
+    large body is redacted in a worker thread: here its redaction is held until a small
+    request sent meanwhile has its 202. On the event loop, that request could not be
+    answered, and the hold would time out. Both are redacted and counted as ever."""
+    sidecar = await start_sidecar(
+        redaction={"rules": [{"name": "mail", "detectors": ["email"], "action": "mask"}]})
+    stage = sidecar.server.receiver.redact
+    started, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def held(event: dict[str, Any], possible_secrets: Any = None) -> Any:
+        if len(event["prompt"]) > 100_000:
+            started.set()
+            released.append(release.wait(timeout=10))
+        return RedactionStage.apply(stage, event, possible_secrets)
+
+    stage.apply = held  # type: ignore[method-assign]
+    path = "/api/v1/integrations/dify/telemetry"
+    large = asyncio.create_task(sidecar.post(
+        path, {**EXAMPLE_EVENT, "prompt": "x " * 60_000 + "jane@example.com"}))
+    assert await asyncio.to_thread(started.wait, 10)
+    try:
+        status, _ = await sidecar.post(path, {**EXAMPLE_EVENT, "prompt": "mail bob@example.org"})
+        assert status == 202
+    finally:
+        release.set()
+    assert (await large)[0] == 202
+    assert released == [True]  # let go by the test, not by the timeout
+    await fake.wait_for_received(2)
+    sent = orjson.dumps(fake.received)
+    assert b"bob@example.org" not in sent and b"jane@example.com" not in sent
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_redactions_total{action="mask",rule="mail"} 2.0' in metrics
 
 
 async def test_inline_rules_override_what_difys_model_sees(

@@ -34,14 +34,16 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
 def spool_interactions(
     spool: Spool, redact: RedactionStage, items: list[dict[str, Any]],
     idempotency_key: str | None = None, possible_secrets: Detectors | None = None,
+    *, redacted: bool = False,
 ) -> tuple[list[int], asyncio.Future[list[int]]]:
-    """Redact validated interactions and hand them to the spool.
+    """Redact validated interactions (unless the caller already did) and hand them to the
+    spool.
 
-    Returns their ids and the future of their commit. Redaction happens here, before
-    anything is serialised, so a redacted value never reaches the disk. Raises Rejection
-    for an event that cannot be written back as JSON; nothing is stored then.
+    Returns their ids and the future of their commit. Redaction happens before anything
+    is serialised, so a redacted value never reaches the disk. Raises Rejection for an
+    event that cannot be written back as JSON; nothing is stored then.
     """
-    if redact.applies(possible_secrets):
+    if not redacted and redact.applies(possible_secrets):
         for item in items:
             redact(item, possible_secrets)
     ids = spool.allocate_ids(len(items))

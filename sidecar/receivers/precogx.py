@@ -26,6 +26,9 @@ log = logging.getLogger("sidecar.receivers")
 JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: Dify's raw-text body
 MAX_IDEMPOTENCY_KEY = 255
 RETRY_AFTER_S = "5"
+# Bodies from this size up are redacted in a worker thread (RedactionStage.off_the_loop);
+# below it, the thread's hand-over would cost more than the redaction.
+OFF_LOOP_BYTES = 64 * 1024
 
 SINGLE_PATHS = {
     "/api/v1/integrations/dify/telemetry": "dify_telemetry",
@@ -65,9 +68,13 @@ class IngestReceiver:
             self._admit(request)
             # Credentials are masked before anything else reads the body.
             body, secrets = self.redact.mask_body(await self._read(request))
+            key = _idempotency_key(request)
             doc = _parse(body)
             items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
-            ids, repeated = await self._store(items, _idempotency_key(request), secrets)
+            redacted = len(body) >= OFF_LOOP_BYTES and self.redact.applies(secrets)
+            if redacted:
+                await self.redact.off_the_loop(items, secrets)
+            ids, repeated = await self._store(items, key, secrets, redacted)
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
@@ -107,9 +114,12 @@ class IngestReceiver:
             raise _too_large(None, self.config.max_body_bytes) from e
 
     async def _store(
-        self, items: list[dict[str, Any]], key: str | None, secrets: Detectors | None
+        self, items: list[dict[str, Any]], key: str | None, secrets: Detectors | None,
+        redacted: bool,
     ) -> tuple[list[int], bool]:
-        ids, committed = spool_interactions(self.spool, self.redact, items, key, secrets)
+        ids, committed = spool_interactions(
+            self.spool, self.redact, items, key, secrets, redacted=redacted
+        )
         try:
             stored = await committed
         except SpoolFull:
