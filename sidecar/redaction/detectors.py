@@ -496,9 +496,12 @@ def _find_ipv6(t: Text) -> list[Span]:
             colon = after
             continue
         start, end = _ipv6_run(text, colon)
-        span = _ipv6_in(text, start, end)
-        if span is not None:
-            spans.append(span)
+        # What _ipv6_in weighs lies in the run: a run without "::" and with fewer than
+        # six colons (a time of day in a log) holds no address.
+        if "::" in text[start:end] or text.count(":", start, end) >= 6:
+            span = _ipv6_in(text, start, end)
+            if span is not None:
+                spans.append(span)
         colon = text.find(":", max(end, colon + 1))
     return spans
 
