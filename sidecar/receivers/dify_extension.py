@@ -262,10 +262,12 @@ class DifyExtension:
         item = conversation.interaction()
         if conversation.query or not conversation.inputs:
             return item
-        self.redact(item)
-        metadata = item.get("metadata")
+        # Without the prompt: its rules run once, on the inputs, when they are spooled.
+        first = {"agentId": item["agentId"], "metadata": {"inputs": item["metadata"].pop("inputs")}}
+        self.redact(first)
+        metadata = first.get("metadata")
         # A rule may have masked or hashed the inputs as a whole, or removed them.
-        item["prompt"] = metadata.pop("inputs", "") if isinstance(metadata, dict) else ""
+        item["prompt"] = metadata.get("inputs", "") if isinstance(metadata, dict) else ""
         return item
 
     def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:
