@@ -128,19 +128,23 @@ async def test_without_a_query_the_inputs_meet_the_rules_on_both_names(
         assert line in metrics
 
 
-async def test_without_a_query_a_rule_on_the_prompt_hits_the_inputs_once(
+async def test_without_a_query_each_rule_counts_once(
     start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PRECOGX_SIDECAR_REDACTION_HMAC_KEY", "dify-hmac-key-0123456789")
     sidecar = await start_sidecar(
         dify={"extension_token": KEY, "pair_idle_s": 0.05, "input_wait_s": 0.2},
-        redaction={"rules": [{"name": "user", "path": "prompt", "action": "hash"}]},
+        redaction={"rules": [{"name": "user", "path": "prompt", "action": "hash"},
+                             {"name": "agent", "path": "agentId", "action": "hash"},
+                             {"name": "meta", "path": "metadata", "action": "remove"}]},
     )
     await call(sidecar, "app.moderation.input", {"app_id": "c", "query": "", "inputs": {"a": 1}})
     await fake.wait_for_received(1)
     assert fake.received[0]["prompt"].startswith("hmac:")
     _, metrics = await sidecar.get("/metrics")
-    assert 'precogx_sidecar_redactions_total{action="hash",rule="user"} 1.0' in metrics
+    for rule, action in (("user", "hash"), ("agent", "hash"), ("meta", "remove")):
+        line = f'precogx_sidecar_redactions_total{{action="{action}",rule="{rule}"}} 1.0'
+        assert line in metrics
 
 
 async def test_external_data_tool_answers_empty(sidecar: Sidecar) -> None:

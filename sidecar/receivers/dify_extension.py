@@ -264,7 +264,9 @@ class DifyExtension:
             return item
         # Without the prompt: its rules run once, on the inputs, when they are spooled.
         first = {"agentId": item["agentId"], "metadata": {"inputs": item["metadata"].pop("inputs")}}
-        self.redact(first)
+        hits = self.redact.apply(first)
+        # The rest of `first` is redacted, and counted, again with the item.
+        self.redact.count([hit for hit in hits if hit.path.startswith("metadata.inputs")])
         metadata = first.get("metadata")
         # A rule may have masked or hashed the inputs as a whole, or removed them.
         item["prompt"] = metadata.get("inputs", "") if isinstance(metadata, dict) else ""
