@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from typing import Any
 
 import orjson
 import pytest
 
+from sidecar.redaction.stage import RedactionStage
 from tests.conftest import Sidecar, StartSidecar
 from tests.fake_precogx import FakePrecogX, Respond
 
@@ -145,6 +148,77 @@ async def test_without_a_query_each_rule_counts_once(
     for rule, action in (("user", "hash"), ("agent", "hash"), ("meta", "remove")):
         line = f'precogx_sidecar_redactions_total{{action="{action}",rule="{rule}"}} 1.0'
         assert line in metrics
+
+
+class HeldRedaction:
+    """Holds the sidecar's redaction of conversations with ``marker`` in their query, in
+    whatever thread it runs, until ``release``; on the event loop nothing could release
+    it, and the hold would time out."""
+
+    def __init__(self, sidecar: Sidecar, marker: str) -> None:
+        self.stage = sidecar.server.dify.redact
+        self.marker = marker
+        self.started, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+        self.stage.apply = self.held  # type: ignore[method-assign]
+
+    def held(self, event: dict[str, Any], possible_secrets: Any = None) -> Any:
+        if self.marker in str(event.get("prompt")):
+            self.started.set()
+            self.released.append(self.release.wait(timeout=10))
+        return RedactionStage.apply(self.stage, event, possible_secrets)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 10)
+
+
+async def test_recording_a_conversation_leaves_the_loop_free(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """A pasted document can take the detectors a while: conversations are redacted in a
+    worker thread, and Dify's calls are answered meanwhile."""
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 0.05, "input_wait_s": 0.2},
+        redaction={"rules": [{"name": "mail", "detectors": ["email"], "action": "mask"}]},
+    )
+    hold = HeldRedaction(sidecar, "held")
+    await call(sidecar, "app.moderation.input",
+               {"app_id": "a", "query": "held: mail jane@example.com", "inputs": {}})
+    await hold.wait_started()
+    try:
+        assert await call(sidecar, "ping", {}) == (200, {"result": "pong"})
+    finally:
+        hold.release.set()
+    await fake.wait_for_received(1)
+    assert hold.released == [True]
+    assert fake.received[0]["prompt"] == "held: mail [REDACTED:email]"
+
+
+async def test_stopping_while_a_conversation_is_recorded_loses_nothing(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 0.05, "input_wait_s": 0.2})
+    hold = HeldRedaction(sidecar, "held")
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "query": "held", "inputs": {}})
+    await hold.wait_started()
+    # Still open when the sidecar stops: recorded as it stands.
+    await call(sidecar, "app.moderation.input", {"app_id": "b", "query": "open", "inputs": {}})
+    extension = sidecar.server.dify
+    stop, stop_called = extension.stop, asyncio.Event()
+
+    async def stop_seen() -> None:
+        stop_called.set()
+        await stop()  # runs on up to its first wait before the test goes on
+
+    extension.stop = stop_seen  # type: ignore[method-assign]
+    stopping = asyncio.create_task(sidecar.stop())
+    await stop_called.wait()
+    hold.release.set()
+    await stopping
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        prompts = {orjson.loads(p)["prompt"] for (p,) in db.execute("SELECT payload FROM events")}
+    assert prompts == {"held", "open"}
 
 
 async def test_external_data_tool_answers_empty(sidecar: Sidecar) -> None:

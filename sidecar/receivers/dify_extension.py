@@ -37,6 +37,7 @@ from sidecar.config import DifyConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection
+from sidecar.redaction.redactor import Hit
 from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import Spool
 
@@ -139,6 +140,7 @@ class DifyExtension:
         self.pairing = Pairing(config)
         self._token = config.extension_token.encode()
         self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._stopped = False
         self._received = metrics.events_received.labels("dify_extension")
 
@@ -151,11 +153,11 @@ class DifyExtension:
     async def stop(self) -> None:
         """Record every open conversation as it stands: better a partial pair than none."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            # Not cancelled: a cancel while it records would lose what it had taken.
+            self._stopping.set()
+            await self._sweeper
         self._stopped = True
-        self._record(self.pairing.everything())
+        await self._record(self.pairing.everything())
 
     async def handle(self, request: web.Request) -> web.Response:
         if not self._token:
@@ -164,7 +166,7 @@ class DifyExtension:
             self.metrics.events_rejected.labels("unauthorized").inc()
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         try:
-            return json_response(200, self._answer(await request.read()))
+            return json_response(200, await self._answer(await request.read()))
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
@@ -173,7 +175,7 @@ class DifyExtension:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, f"params cannot be answered: {e}")
 
-    def _answer(self, body: bytes) -> dict[str, Any]:
+    async def _answer(self, body: bytes) -> dict[str, Any]:
         try:
             call = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -187,21 +189,24 @@ class DifyExtension:
         if point == "ping":
             return {"result": "pong"}
         if point == "app.moderation.input":
-            return self._moderate_input(params)
+            return await self._moderate_input(params)
         if point == "app.moderation.output":
             return self._moderate_output(params)
         if point == "app.external_data_tool.query":
             return {"result": ""}
         raise BadCall(f"unknown point {point!r}")
 
-    def _moderate_input(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _moderate_input(self, params: dict[str, Any]) -> dict[str, Any]:
         app_id = _field(params, "app_id", str)
         query = _field(params, "query", str, "")
         inputs = _field(params, "inputs", dict, {})
         # Inline rules see the query as `prompt` and the inputs as `metadata.inputs`.
         seen = {"agentId": f"dify-{app_id}", "prompt": query, "response": "",
                 "metadata": {"inputs": inputs}}
-        overridden = bool(self.redact_inline(seen))
+        overridden = (
+            self.redact_inline.applies(None)
+            and bool(await self.redact_inline.off_the_loop([seen], None))
+        )
         query, inputs = seen["prompt"], seen["metadata"]["inputs"]
         if self._has_room():
             self.pairing.add_input(app_id, query, inputs)
@@ -231,55 +236,58 @@ class DifyExtension:
     async def _sweep(self) -> None:
         every = min(SWEEP_EVERY_S, self.config.pair_idle_s / 2)
         while True:
-            await asyncio.sleep(every)
-            self._record(self.pairing.finished())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
+                return
+            await self._record(self.pairing.finished())
 
-    def _record(self, conversations: list[Conversation]) -> None:
+    async def _record(self, conversations: list[Conversation]) -> None:
         if not conversations:
             return
-        items = [self._interaction(c) for c in conversations]
-        try:
-            _, committed = spool_interactions(self.spool, self.redact, items)
-        except Rejection as e:
-            # One unwritable conversation (inputs nested past 255 levels) must neither
-            # stop the sweeper nor take the others with it: those are recorded one by
-            # one, and it is refused, counted and logged, as on ingest.
-            if len(conversations) > 1:
-                for conversation in conversations:
-                    self._record([conversation])
-                return
-            self.metrics.events_rejected.labels(e.reason).inc()
-            log.error("could not record a Dify conversation: %s", e.message)
-            return
-        committed.add_done_callback(lambda f: self._recorded(f, len(items)))
+        # In a worker thread, as on ingest (RedactionStage.off_the_loop): a pasted
+        # document can take the detectors a while.
+        done = await asyncio.to_thread(lambda: [self._redacted(c) for c in conversations])
+        self.redact.count([hit for _, hits in done for hit in hits])
+        for item, _ in done:
+            try:
+                _, committed = spool_interactions(self.spool, self.redact, [item], redacted=True)
+            except Rejection as e:
+                # One unwritable conversation (inputs nested past 255 levels) must neither
+                # stop the sweeper nor take the others with it: it is refused, counted and
+                # logged, as on ingest.
+                self.metrics.events_rejected.labels(e.reason).inc()
+                log.error("could not record a Dify conversation: %s", e.message)
+                continue
+            committed.add_done_callback(self._recorded)
 
-    def _interaction(self, conversation: Conversation) -> dict[str, Any]:
-        """With no query (a completion app's form), PrecogX is to read the inputs as the
+    def _redacted(self, conversation: Conversation) -> tuple[dict[str, Any], list[Hit]]:
+        """The conversation as stored, and what redaction hit in it (uncounted: this runs
+        in a worker thread).
+
+        With no query (a completion app's form), PrecogX is to read the inputs as the
         prompt, as the Dify guide sends a workflow's inputs. Rules know them as
         `metadata.inputs`, so they are redacted there first and only then moved to
-        `prompt`, where spooling redacts them again for the rules on `prompt` (redacting
-        twice changes nothing else)."""
+        `prompt`, where the whole interaction is redacted."""
         item = conversation.interaction()
-        if conversation.query or not conversation.inputs:
-            return item
-        # Without the prompt: its rules run once, on the inputs, when they are spooled.
-        first = {"agentId": item["agentId"], "metadata": {"inputs": item["metadata"].pop("inputs")}}
-        hits = self.redact.apply(first)
-        # The rest of `first` is redacted, and counted, again with the item.
-        self.redact.count([hit for hit in hits if hit.path.startswith("metadata.inputs")])
-        metadata = first.get("metadata")
-        # A rule may have masked or hashed the inputs as a whole, or removed them.
-        item["prompt"] = metadata.get("inputs", "") if isinstance(metadata, dict) else ""
-        return item
+        hits: list[Hit] = []
+        if not conversation.query and conversation.inputs:
+            # Without the prompt, whose rules then run once, on the inputs.
+            first = {"agentId": item["agentId"],
+                     "metadata": {"inputs": item["metadata"].pop("inputs")}}
+            # The rest of `first` is redacted, and counted, again with the item.
+            hits += [hit for hit in self.redact.apply(first)
+                     if hit.path.startswith("metadata.inputs")]
+            metadata = first.get("metadata")
+            # A rule may have masked or hashed the inputs as a whole, or removed them.
+            item["prompt"] = metadata.get("inputs", "") if isinstance(metadata, dict) else ""
+        return item, hits + self.redact.apply(item)
 
-    def _recorded(self, committed: asyncio.Future[list[int]], n: int) -> None:
+    def _recorded(self, committed: asyncio.Future[list[int]]) -> None:
         if committed.cancelled() or committed.exception() is not None:
-            self.metrics.events_dropped.labels("dify_spool_refused").inc(n)
-            log.error("could not spool %d Dify extension interactions: %s", n,
-                      committed.exception())
+            self.metrics.events_dropped.labels("dify_spool_refused").inc()
+            log.error("could not spool a Dify extension interaction: %s", committed.exception())
         else:
-            self._received.inc(n)
-
+            self._received.inc()
 
 def _field(params: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     value = params.get(name, default)

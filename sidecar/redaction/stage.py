@@ -214,15 +214,17 @@ class RedactionStage:
 
     async def off_the_loop(
         self, items: list[dict[str, Any]], possible_secrets: Detectors | None
-    ) -> None:
-        """Redact ``items`` in a worker thread, then count. Some detectors take up to about
-        a second per MiB of adversarial text (e-mail on "a@a@...", IPv6 on ":: :: ..."),
-        and so may an operator's pattern: in a thread, the event loop takes the GIL back
-        every switch interval and keeps answering other requests meanwhile."""
+    ) -> list[Hit]:
+        """Redact ``items`` in a worker thread, then count; the hits. Some detectors take
+        up to about a second per MiB of adversarial text (e-mail on "a@a@...", IPv6 on
+        ":: :: ..."), and so may an operator's pattern: in a thread, the event loop takes
+        the GIL back every switch interval and keeps answering other requests meanwhile."""
         def apply_all() -> list[Hit]:
             return [hit for item in items for hit in self.apply(item, possible_secrets)]
 
-        self.count(await asyncio.to_thread(apply_all))
+        hits = await asyncio.to_thread(apply_all)
+        self.count(hits)
+        return hits
 
 
 def _possible_secrets_of(event: dict[str, Any]) -> Detectors:
