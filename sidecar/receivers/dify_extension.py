@@ -63,7 +63,7 @@ class Conversation:
 
     def interaction(self) -> dict[str, Any]:
         """As the rules see it, inline ones included: the query as `prompt`, the inputs as
-        `metadata.inputs` (see DifyExtension._interaction for an input without a query)."""
+        `metadata.inputs` (see DifyExtension._redacted for an input without a query)."""
         metadata: dict[str, Any] = {"platform": "dify", "source": "api_extension"}
         if self.inputs:
             metadata["inputs"] = self.inputs
@@ -288,6 +288,7 @@ class DifyExtension:
             log.error("could not spool a Dify extension interaction: %s", committed.exception())
         else:
             self._received.inc()
+
 
 def _field(params: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     value = params.get(name, default)
