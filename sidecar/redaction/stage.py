@@ -108,10 +108,10 @@ class RedactionStage:
     ) -> None:
         self.rules = rules
         self.secrets = secrets
-        # The credential rule narrowed to the detectors a body can hold, made on first use:
-        # each detector skipped saves a search through every string of the event.
-        self._narrowed: dict[Detectors, Redactor] = {}
-        self._finders: dict[Detectors, Callable[[Text], list[Found]]] = {}
+        # Per set of credential detectors a body can hold, made on first use: the rule
+        # narrowed to them (each detector skipped saves a search through every string of
+        # the event), and their finder for the body's text.
+        self._narrowed: dict[Detectors, tuple[Redactor, Callable[[Text], list[Found]]]] = {}
         # Masking in the body is the credential rule's own work only while that rule is
         # the built-in one: detectors anywhere, masked, for every agent.
         self._in_body = secrets is not None and [
@@ -127,8 +127,8 @@ class RedactionStage:
                 for rule in self.all_rules
             }
 
-    def _secrets_for(self, names: Detectors) -> Redactor:
-        """The credential rule as given, keeping only the detectors named."""
+    def _narrowed_to(self, names: Detectors) -> tuple[Redactor, Callable[[Text], list[Found]]]:
+        """The credential rule as given, keeping only the detectors named; their finder."""
         narrowed = self._narrowed.get(names)
         if narrowed is None:
             assert self.secrets is not None
@@ -137,7 +137,8 @@ class RedactionStage:
                 for rule in self.secrets.rules
             )
             rules = [rule for rule in kept if rule.scans_text]
-            narrowed = self._narrowed[names] = Redactor(rules, None, self.secrets)
+            redactor = Redactor(rules, None, self.secrets)
+            narrowed = self._narrowed[names] = (redactor, scanner(names))
         return narrowed
 
     @property
@@ -164,7 +165,7 @@ class RedactionStage:
             text = body.decode()
         except UnicodeDecodeError:
             return body, names  # not JSON either: parsing refuses it
-        masked = mask_in_json(text, self._finder(names), self.secrets.markers)
+        masked = mask_in_json(text, self._narrowed_to(names)[1], self.secrets.markers)
         if masked is None:
             return body, names
         text, count = masked
@@ -173,12 +174,6 @@ class RedactionStage:
         if self._tallies:
             self._tallies[BUILTIN_SECRETS_RULE, "mask"].count += count
         return text.encode(), ()
-
-    def _finder(self, names: Detectors) -> Callable[[Text], list[Found]]:
-        find = self._finders.get(names)
-        if find is None:
-            find = self._finders[names] = scanner(names)
-        return find
 
     def applies(self, possible_secrets: Detectors | None) -> bool:
         """Whether any rule can change an event of a body the pre-check decided on."""
@@ -200,7 +195,7 @@ class RedactionStage:
             if possible_secrets is None:
                 possible_secrets = _possible_secrets_of(event)
             if possible_secrets:
-                hits += self._secrets_for(possible_secrets).redact(event)
+                hits += self._narrowed_to(possible_secrets)[0].redact(event)
         if self.rules.rules:
             hits += self.rules.redact(event)
         return hits
