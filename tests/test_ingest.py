@@ -163,10 +163,24 @@ async def test_oversize_body_gets_413(start_sidecar: StartSidecar) -> None:
 async def test_idempotency_key_repeat_returns_first_answer(sidecar: Sidecar) -> None:
     headers = {"Idempotency-Key": "run-1"}
     first = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
-    again = await sidecar.post(SINGLE, event(prompt="changed"), headers=headers)
+    again = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
     assert first == again
     assert first[0] == 202
     assert len(stored_rows(sidecar)) == 1
+
+
+async def test_a_key_reused_for_another_event_gets_422(sidecar: Sidecar) -> None:
+    """Two HTTP nodes of one Dify workflow run sending {{#sys.workflow_run_id#}}: the
+    second event is no repeat, and must not be dropped as one."""
+    headers = {"Idempotency-Key": "run-1"}
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers))[0] == 202
+    status, body = await sidecar.post(SINGLE, event(prompt="second node"), headers=headers)
+    assert status == 422
+    assert body["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert "nothing was stored" in body["error"]["message"]
+    assert len(stored_rows(sidecar)) == 1
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="idempotency_key_reused"} 1.0' in metrics
 
 
 async def test_webhook_id_is_an_idempotency_key(sidecar: Sidecar) -> None:

@@ -162,10 +162,12 @@ async def test_idempotent_repeat_answers_without_echo(start_sidecar: StartSideca
     body = orjson.dumps(event(prompt=OPENAI))
     headers = {"Idempotency-Key": "run-1", **JSON}
     first = await sidecar.post(SINGLE, data=body, headers=headers)
-    again = await sidecar.post(SINGLE, data=orjson.dumps(event(prompt="x" + OPENAI)),
-                               headers=headers)
+    again = await sidecar.post(SINGLE, data=body, headers=headers)
     assert first == again and first[0] == 202
     assert OPENAI not in str(again[1])
+    reused = await sidecar.post(SINGLE, data=orjson.dumps(event(prompt="x" + OPENAI)),
+                                headers=headers)
+    assert reused[0] == 422 and OPENAI not in str(reused[1])
     assert sidecar.server.spool.counts.pending <= 1
 
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.config import SpoolConfig
-from sidecar.spool import Spool, SpoolFull, SpoolUnavailable, SpoolVersionError, admin
-from sidecar.spool.schema import SCHEMA_VERSION
+from sidecar.spool import (
+    IdempotencyKeyReused,
+    Spool,
+    SpoolFull,
+    SpoolUnavailable,
+    SpoolVersionError,
+    admin,
+)
+from sidecar.spool.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -105,6 +113,38 @@ async def test_idempotent_repeat_returns_first_ids(spool: Spool) -> None:
     first = await put(spool, 2, key="k")
     assert await put(spool, 2, key="k") == first
     assert spool.counts.pending == 2
+
+
+async def test_a_key_reused_for_another_request_is_refused(spool: Spool) -> None:
+    ids = spool.allocate_ids(1)
+    first = await spool.append(ids, [b"{}"], "k", "fingerprint-a")
+    # In the same group commit as in a later one.
+    again, other = await asyncio.gather(
+        spool.append(spool.allocate_ids(1), [b"{}"], "k", "fingerprint-a"),
+        spool.append(spool.allocate_ids(1), [b"{}"], "k", "fingerprint-b"),
+        return_exceptions=True,
+    )
+    assert again == first
+    assert isinstance(other, IdempotencyKeyReused)
+    with pytest.raises(IdempotencyKeyReused):
+        await spool.append(spool.allocate_ids(1), [b"{}"], "k", "fingerprint-b")
+    assert spool.counts.pending == 1
+
+
+async def test_keys_stored_before_fingerprints_match_any_request(tmp_path: Path) -> None:
+    """A spool of schema version 1 is migrated; its keys had no fingerprint."""
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("INSERT INTO meta VALUES ('spool_id', 'abcdef012345'), ('next_id', '8')")
+        db.execute("INSERT INTO idempotency VALUES ('k', ?, '[7]')", (time.time(),))
+        db.execute("PRAGMA user_version = 1")
+    s = Spool(SpoolConfig(path=str(path)))
+    await s.open()
+    assert await s.append(s.allocate_ids(1), [b"{}"], "k", "any") == [7]
+    await s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 async def test_expired_idempotency_keys_are_forgotten(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
 def spool_interactions(
     spool: Spool, redact: RedactionStage, items: list[dict[str, Any]],
     idempotency_key: str | None = None, possible_secrets: Detectors | None = None,
-    *, redacted: bool = False,
+    *, redacted: bool = False, fingerprint: str | None = None,
 ) -> tuple[list[int], asyncio.Future[list[int]]]:
     """Redact validated interactions (unless the caller already did) and hand them to the
     spool.
@@ -48,7 +48,7 @@ def spool_interactions(
             redact(item, possible_secrets)
     ids = spool.allocate_ids(len(items))
     payloads = _stamped(items, spool.event_refs(ids))
-    return ids, spool.append(ids, payloads, idempotency_key)
+    return ids, spool.append(ids, payloads, idempotency_key, fingerprint)
 
 
 def _stamped(items: list[dict[str, Any]], refs: list[str]) -> list[bytes]:

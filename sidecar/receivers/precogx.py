@@ -7,6 +7,7 @@ to the spool; every refusal carries PrecogX's error body and stores nothing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -19,7 +20,7 @@ from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import Detectors, RedactionStage
-from sidecar.spool import Spool, SpoolFull, SpoolUnavailable
+from sidecar.spool import IdempotencyKeyReused, Spool, SpoolFull, SpoolUnavailable
 
 log = logging.getLogger("sidecar.receivers")
 
@@ -74,7 +75,10 @@ class IngestReceiver:
             redacted = len(body) >= OFF_LOOP_BYTES and self.redact.applies(secrets)
             if redacted:
                 await self.redact.off_the_loop(items, secrets)
-            ids, repeated = await self._store(items, key, secrets, redacted)
+            # A repeat must be the same request: the same key on another one (a key
+            # reused by two HTTP nodes of one workflow run) would otherwise drop it.
+            fingerprint = _fingerprint(body) if key is not None else None
+            ids, repeated = await self._store(items, (key, fingerprint), secrets, redacted)
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
@@ -114,11 +118,13 @@ class IngestReceiver:
             raise _too_large(None, self.config.max_body_bytes) from e
 
     async def _store(
-        self, items: list[dict[str, Any]], key: str | None, secrets: Detectors | None,
-        redacted: bool,
+        self, items: list[dict[str, Any]], idempotency: tuple[str | None, str | None],
+        secrets: Detectors | None, redacted: bool,
     ) -> tuple[list[int], bool]:
+        key, fingerprint = idempotency
         ids, committed = spool_interactions(
-            self.spool, self.redact, items, key, secrets, redacted=redacted
+            self.spool, self.redact, items, key, secrets, redacted=redacted,
+            fingerprint=fingerprint,
         )
         try:
             stored = await committed
@@ -129,6 +135,14 @@ class IngestReceiver:
                 "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
                 "retry later",
                 "spool_full", headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
+        except IdempotencyKeyReused:
+            raise Rejection(
+                422, "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was first used for a different request within "
+                "server.idempotency_ttl_s; nothing was stored. Give each request its own "
+                "key (for a Dify workflow: {{#sys.workflow_run_id#}} plus the node's name)",
+                "idempotency_key_reused",
             ) from None
         except SpoolUnavailable:
             raise Rejection(
@@ -168,6 +182,11 @@ def _idempotency_key(request: web.Request) -> str | None:
             "invalid_idempotency_key",
         )
     return key
+
+
+def _fingerprint(body: bytes) -> str:
+    """Of the body as parsed (credentials masked): a repeat sends the same bytes."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
 def _too_large(length: int | None, limit: int) -> Rejection:

@@ -1,9 +1,17 @@
 """Stage 3: the durable SQLite queue between receiving and forwarding."""
 
 from sidecar.spool.schema import SpoolVersionError
-from sidecar.spool.store import Spool, SpoolCounts, SpoolFull, SpoolUnavailable, StoredEvent
+from sidecar.spool.store import (
+    IdempotencyKeyReused,
+    Spool,
+    SpoolCounts,
+    SpoolFull,
+    SpoolUnavailable,
+    StoredEvent,
+)
 
 __all__ = [
+    "IdempotencyKeyReused",
     "Spool",
     "SpoolCounts",
     "SpoolFull",

@@ -35,6 +35,11 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_created ON idempotency (created_at);
     """,
+    # What the first request with the key held, so a different request reusing it is
+    # refused instead of answered as a repeat; NULL for keys stored before.
+    """
+    ALTER TABLE idempotency ADD COLUMN fingerprint TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -53,6 +53,10 @@ class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error, shutting down); nothing was stored."""
 
 
+class IdempotencyKeyReused(Exception):
+    """The idempotency key was first used for a different request; nothing was stored."""
+
+
 @dataclass(slots=True)
 class StoredEvent:
     id: int
@@ -69,6 +73,7 @@ class _Append:
     size: int
     received_at: float
     idempotency_key: str | None
+    fingerprint: str | None  # of the request that carried the key
     future: asyncio.Future[list[int]]
 
 
@@ -190,19 +195,23 @@ class Spool:
         return c.events >= self.config.max_events or c.bytes >= self.config.max_bytes
 
     def append(
-        self, ids: list[int], payloads: list[bytes], idempotency_key: str | None = None
+        self, ids: list[int], payloads: list[bytes], idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> asyncio.Future[list[int]]:
         """Queue events for the next group commit; the future resolves once they are on disk.
 
         Resolves with the stored ids, or with the ids first answered for the same
-        idempotency key. Raises SpoolFull or SpoolUnavailable through the future.
+        idempotency key (``fingerprint``: of the request, which a repeat must match).
+        Raises SpoolFull, SpoolUnavailable or IdempotencyKeyReused through the future.
         """
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(SpoolUnavailable("shutting down"))
             return future
         size = sum(map(len, payloads))
-        self._appends.append(_Append(ids, payloads, size, time.time(), idempotency_key, future))
+        self._appends.append(
+            _Append(ids, payloads, size, time.time(), idempotency_key, fingerprint, future)
+        )
         self._wake.set()
         return future
 
@@ -500,7 +509,7 @@ class Spool:
         for a in appends:
             key = a.idempotency_key
             if key is not None and key in earlier:
-                answers.append((a, earlier[key]))
+                answers.append((a, _repeat(earlier[key], a.fingerprint)))
                 continue
             over = events + len(a.ids) - self.config.max_events
             over_bytes = size + a.size - self.config.max_bytes
@@ -518,19 +527,20 @@ class Spool:
             accepted.append(a)
             answers.append((a, a.ids))
             if key is not None:
-                earlier[key] = a.ids
+                earlier[key] = (a.ids, a.fingerprint)
         return accepted, answers, (evicted_events, evicted_bytes)
 
-    def _known_keys(self, db: Db, keys: list[str | None]) -> dict[str, list[int]]:
+    def _known_keys(self, db: Db, keys: list[str | None]) -> dict[str, _FirstUse]:
         wanted = [k for k in keys if k is not None]
         if not wanted:
             return {}
         marks = ",".join("?" * len(wanted))
         rows = db.execute(
-            f"SELECT key, ids FROM idempotency WHERE key IN ({marks}) AND created_at >= ?",
+            f"SELECT key, ids, fingerprint FROM idempotency WHERE key IN ({marks}) "
+            "AND created_at >= ?",
             (*wanted, time.time() - self.idempotency_ttl_s),
         )
-        return {key: orjson.loads(ids) for key, ids in rows}
+        return {key: (orjson.loads(ids), fingerprint) for key, ids, fingerprint in rows}
 
     def _insert(self, db: Db, accepted: list[_Append]) -> None:
         if not accepted:
@@ -541,13 +551,14 @@ class Spool:
                 params += (event_id, a.received_at, len(payload), payload)
         _insert_events(db, params)
         keyed = [
-            (a.idempotency_key, a.received_at, orjson.dumps(a.ids).decode())
+            (a.idempotency_key, a.received_at, orjson.dumps(a.ids).decode(), a.fingerprint)
             for a in accepted
             if a.idempotency_key is not None
         ]
         if keyed:
             db.executemany(
-                "INSERT OR REPLACE INTO idempotency (key, created_at, ids) VALUES (?, ?, ?)", keyed
+                "INSERT OR REPLACE INTO idempotency (key, created_at, ids, fingerprint) "
+                "VALUES (?, ?, ?, ?)", keyed
             )
 
     def _count_evicted(self, events: int, size: int) -> None:
@@ -563,6 +574,19 @@ class Spool:
             if self.unclaimed_since is None:
                 self.unclaimed_since = time.monotonic()
             self.data_ready.set()
+
+
+# The ids first answered for an idempotency key, and the fingerprint of that request.
+_FirstUse = tuple[list[int], str | None]
+
+
+def _repeat(first: _FirstUse, fingerprint: str | None) -> list[int] | BaseException:
+    """The answer to a request repeating a key: the first answer, unless it differs from
+    the first request (a key stored before fingerprints were kept matches any)."""
+    ids, first_fingerprint = first
+    if None not in (first_fingerprint, fingerprint) and fingerprint != first_fingerprint:
+        return IdempotencyKeyReused()
+    return ids
 
 
 # Rows per multi-row INSERT. executemany() would release and retake the GIL once per
