@@ -24,7 +24,7 @@ from sidecar.metrics import Metrics
 from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
 from sidecar.redaction.stage import build_stages
-from sidecar.spool import Spool, SpoolUnavailable, SpoolVersionError
+from sidecar.spool import Spool, SpoolInUse, SpoolUnavailable, SpoolVersionError
 
 log = logging.getLogger("sidecar")
 
@@ -113,7 +113,7 @@ class Server:
     async def _open_spool(self) -> None:
         try:
             await self.spool.open()
-        except SpoolVersionError as e:
+        except (SpoolVersionError, SpoolInUse) as e:
             raise StartupError(f"spool.path: {e}") from None
         except (sqlite3.Error, OSError) as e:
             raise StartupError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import tomllib
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar import __version__
-from tests.conftest import ROOT, sidecar_command, write_config
+from tests.conftest import ROOT, StartSidecar, sidecar_command, write_config
 
 TOKEN = "px_tok_SECRETSECRET654321"
 API_KEY = "px_live_SECRETSECRET123456"
@@ -236,4 +237,20 @@ def test_unknown_subcommand_exits_2(tmp_path: Path) -> None:
     result = cli(tmp_path, "frobnicate")
     assert result.returncode == 2
     assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_second_sidecar_on_the_same_spool_does_not_start(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """Both would hand out the same ids for different events."""
+    running = await start_sidecar()
+    config = tmp_path / "second.toml"
+    config.write_text(
+        f'[server]\nport = 0\n[spool]\npath = "{running.config.spool.path}"\n'
+    )
+    result = await asyncio.to_thread(cli, tmp_path, "run", "--config", str(config))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another sidecar is running on this spool" in lines[0]
     assert "Traceback" not in result.stderr

@@ -15,6 +15,7 @@ from sidecar.spool import (
     IdempotencyKeyReused,
     Spool,
     SpoolFull,
+    SpoolInUse,
     SpoolUnavailable,
     SpoolVersionError,
     admin,
@@ -165,6 +166,18 @@ async def test_close_commits_what_was_handed_in_then_refuses(tmp_path: Path) -> 
     assert await pending == ids
     with pytest.raises(SpoolUnavailable):
         await s.append(s.allocate_ids(1), [b"{}"])
+
+
+async def test_a_second_spool_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    config = SpoolConfig(path=str(tmp_path / "s.db"))
+    first = Spool(config)
+    await first.open()
+    with pytest.raises(SpoolInUse, match="another sidecar is running on this spool"):
+        await Spool(config).open()
+    await first.close()
+    second = Spool(config)
+    await second.open()  # free again once the first is closed
+    await second.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from sidecar.spool.store import (
     Spool,
     SpoolCounts,
     SpoolFull,
+    SpoolInUse,
     SpoolUnavailable,
     StoredEvent,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "Spool",
     "SpoolCounts",
     "SpoolFull",
+    "SpoolInUse",
     "SpoolUnavailable",
     "SpoolVersionError",
     "StoredEvent",

@@ -12,8 +12,10 @@ on a timer, so no request ever pays for one.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +53,10 @@ class SpoolFull(Exception):
 
 class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error, shutting down); nothing was stored."""
+
+
+class SpoolInUse(Exception):
+    """Another process serves the same spool file."""
 
 
 class IdempotencyKeyReused(Exception):
@@ -135,17 +141,20 @@ class Spool:
         self._reader_db = DbThread(path, self.config.synchronous, "spool-reader")
         self._writer_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
+        self._lock: int | None = None
 
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
         Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(Path(self.config.path + ".lock"))
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
             await self._reader_db.start()
         except BaseException:
             await self._writer_db.close()
+            self._unlock()
             raise
         self._writer_task = asyncio.create_task(self._writer(), name="spool-writer")
 
@@ -173,6 +182,12 @@ class Spool:
         finally:
             await self._reader_db.close()
             await self._writer_db.close()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock; the file stays, harmless
+            self._lock = None
 
     # -- receiving ---------------------------------------------------------------
 
@@ -652,6 +667,23 @@ def _count(db: Db) -> SpoolCounts:
             counts.pending += n
         counts.bytes += size
     return counts
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on ``path`` for as long as the returned descriptor is open (the
+    kernel drops it when the process dies, however it dies). Two sidecars on one spool
+    would hand out the same ids for different events, and each would deliver and delete
+    what the other stored."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(
+            f"another sidecar is running on this spool (it holds {path}); each sidecar "
+            "needs a spool.path of its own"
+        ) from None
+    return fd
 
 
 def _migrate(db: Db) -> None:
