@@ -180,6 +180,32 @@ async def test_a_second_spool_on_the_same_file_is_refused(tmp_path: Path) -> Non
     await second.close()
 
 
+@pytest.mark.parametrize("outcome", ["delivered", "dead_lettered"])
+async def test_events_evicted_while_in_flight_are_not_counted_twice(
+    tmp_path: Path, outcome: str
+) -> None:
+    """drop_oldest may evict a batch whose rows a claim has read but the loop has not yet
+    marked in flight (the claim's read and the eviction run in two threads). Its delivery
+    or dead letter then finds nothing to remove: counting the batch again drove pending
+    below what the file holds, and the forwarder stopped claiming."""
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db"), max_events=3, when_full="drop_oldest"))
+    await s.open()
+    await put(s, 3)
+    read = await s._claim_after(0, 3, 1 << 20)  # read, not yet marked in flight
+    newer = await put(s, 3)  # evicts the three just read
+    s.inflight.update(e.id for e in read)
+    if outcome == "delivered":
+        await s.delete(read)
+    else:
+        await s.dead_letter(read, "rejected", 400, "bad")
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        rows, size = db.execute("SELECT count(*), sum(size) FROM events").fetchone()
+    assert (s.counts.pending, s.counts.dead, s.counts.bytes, s.inflight) == (3, 0, size, set())
+    assert rows == 3
+    assert [e.id for e in await s.claim(10, 1 << 20)] == newer
+    await s.close()
+
+
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with sqlite3.connect(path) as db:

@@ -279,14 +279,22 @@ class Spool:
 
     async def delete(self, events: Sequence[StoredEvent]) -> None:
         """Delivered: remove for good."""
-        ids = [(e.id,) for e in events]
+        ids = [e.id for e in events]
 
-        def after(_: Any) -> None:
-            self.counts.pending -= len(events)
-            self.counts.bytes -= sum(e.size for e in events)
-            self.inflight.difference_update(e.id for e in events)
+        def run(db: Db) -> set[int]:
+            present = _present(db, ids)
+            _delete_events(db, [(i,) for i in present])
+            return present
 
-        await self._submit(lambda db: _delete_events(db, ids), after)
+        def after(present: set[int]) -> None:
+            # Only events still in the file count: drop_oldest may have evicted some while
+            # they were being sent (and counted them then), because a claim reads its rows
+            # before the loop marks them in flight.
+            self.counts.pending -= len(present)
+            self.counts.bytes -= sum(e.size for e in events if e.id in present)
+            self.inflight.difference_update(ids)
+
+        await self._submit(run, after)
 
     async def reschedule(
         self, events: Sequence[StoredEvent], next_attempt_at: float, status: int | None, error: str
@@ -309,22 +317,24 @@ class Spool:
     ) -> None:
         """Keep the events, with why they could not be delivered, for list and replay."""
         now = time.time()
-        rows = [(reason, now, status, error[:500], e.id) for e in events]
-        dead_after = self.counts.dead + len(events)
+        ids = [e.id for e in events]
+        dead_before = self.counts.dead
 
-        def run(db: Db) -> tuple[int, int]:
+        def run(db: Db) -> tuple[set[int], tuple[int, int]]:
+            present = _present(db, ids)
             db.executemany(
                 "UPDATE events SET state = 'dead', dead_reason = ?, dead_at = ?, "
                 "last_status = ?, last_error = ?, attempts = attempts + 1 WHERE id = ?",
-                rows,
+                [(reason, now, status, error[:500], i) for i in present],
             )
-            return self._prune_dead(db, dead_after)
+            return present, self._prune_dead(db, dead_before + len(present))
 
-        def after(pruned: tuple[int, int]) -> None:
-            self.counts.pending -= len(events)
-            self.counts.dead += len(events) - pruned[0]
+        def after(result: tuple[set[int], tuple[int, int]]) -> None:
+            present, pruned = result
+            self.counts.pending -= len(present)  # as in delete()
+            self.counts.dead += len(present) - pruned[0]
             self.counts.bytes -= pruned[1]
-            self.inflight.difference_update(e.id for e in events)
+            self.inflight.difference_update(ids)
             if pruned[0]:
                 self.dropped("dead_letter_pruned", pruned[0])
                 log.warning(
@@ -625,6 +635,12 @@ def _insert_events(db: Db, params: list[Any]) -> None:
     for start in range(0, len(params), width):
         chunk = params[start:start + width]
         db.execute(_insert_sql(len(chunk) // INSERT_COLUMNS), chunk)
+
+
+def _present(db: Db, ids: list[int]) -> set[int]:
+    """Which of ``ids`` are still in the file."""
+    marks = ",".join("?" * len(ids))
+    return {row[0] for row in db.execute(f"SELECT id FROM events WHERE id IN ({marks})", ids)}
 
 
 def _delete_events(db: Db, ids: list[tuple[int]]) -> None:
