@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import sqlite3
 from typing import Any
 
@@ -321,3 +322,14 @@ async def test_unknown_path_and_method_do_not_500(sidecar: Sidecar) -> None:
             assert response.status == 405
         async with session.post(sidecar.url + "/nope", json={}) as response:
             assert response.status == 404
+
+
+async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
+    sidecar: Sidecar,
+) -> None:
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    os.unlink(sidecar.config.spool.path)
+    status, body = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    assert status == 503 and body["error"]["code"] == "SPOOL_UNAVAILABLE"
+    status, ready = await sidecar.get("/readyz")
+    assert status == 503 and ready["status"] == "spool_unwritable"

@@ -206,6 +206,27 @@ async def test_events_evicted_while_in_flight_are_not_counted_twice(
     await s.close()
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_spool_file_removed_while_open_refuses_what_it_cannot_keep(
+    tmp_path: Path, how: str
+) -> None:
+    """SQLite goes on writing to the old inode, which the next start never sees: every
+    commit after the file went is refused, before anyone is answered."""
+    path = tmp_path / "s.db"
+    s = Spool(SpoolConfig(path=str(path)))
+    await s.open()
+    await put(s, 1)
+    if how == "removed":
+        path.unlink()
+    else:
+        (tmp_path / "other.db").write_bytes(path.read_bytes())
+        (tmp_path / "other.db").replace(path)
+    with pytest.raises(SpoolUnavailable, match="removed or replaced"):
+        await put(s, 1)
+    assert s.write_error is not None
+    await s.close()
+
+
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with sqlite3.connect(path) as db:

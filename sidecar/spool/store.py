@@ -142,6 +142,7 @@ class Spool:
         self._writer_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
         self._lock: int | None = None
+        self._file: tuple[int, int] | None = None  # device and inode of the open file
 
     # -- life cycle ------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Spool:
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
+            self._file = _identity(Path(self.config.path))
             await self._reader_db.start()
         except BaseException:
             await self._writer_db.close()
@@ -450,7 +452,9 @@ class Spool:
         except (sqlite3.Error, OSError) as e:
             self._fail(appends, ops, e)
             return
-        self.write_error = None
+        if self.write_error is not None:
+            log.info("spool commits again")
+            self.write_error = None
         for op, op_result in zip(ops, result.op_results, strict=True):
             op.after_commit(op_result)
             if not op.future.done():
@@ -483,6 +487,7 @@ class Spool:
             # the GIL (up to a switch interval while the event loop is busy), so four
             # statements where one does would make each commit, and its p99, longer.
             self._insert(db, appends)
+            self._check_file()
             return _GroupResult([], appends, [(a, a.ids) for a in appends], (0, 0))
         if checkpoint:  # see checkpoint(): no other writer now, so it completes
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -497,7 +502,19 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._check_file()
         return _GroupResult(op_results, accepted, answers, evicted)
+
+    def _check_file(self) -> None:
+        """After a commit, before anyone is answered: the commit went into the file at
+        spool.path. Removed or replaced while open, SQLite goes on writing to the old
+        inode, and whatever it held is gone at the next start."""
+        path = Path(self.config.path)
+        if _identity(path) != self._file:
+            raise FileNotFoundError(
+                f"{path} was removed or replaced while the sidecar ran: refusing events "
+                "until it is restarted"
+            )
 
     def _plain(self, appends: list[_Append], counts: tuple[int, int]) -> bool:
         """Appends that fit, need no idempotency lookup and make one INSERT statement."""
@@ -510,8 +527,11 @@ class Spool:
         )
 
     def _fail(self, appends: list[_Append], ops: list[_Op], error: BaseException) -> None:
-        self.write_error = f"{type(error).__name__}: {error}"
-        log.error("spool commit failed, %d requests refused: %s", len(appends), self.write_error)
+        failure = f"{type(error).__name__}: {error}"
+        if failure != self.write_error:  # one line per change, not one per commit
+            log.error("spool commit failed, requests refused until it commits again: %s",
+                      failure)
+        self.write_error = failure
         futures: list[asyncio.Future[Any]] = [a.future for a in appends]
         futures += [op.future for op in ops]
         for future in futures:
@@ -683,6 +703,14 @@ def _count(db: Db) -> SpoolCounts:
             counts.pending += n
         counts.bytes += size
     return counts
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _lock(path: Path) -> int:
