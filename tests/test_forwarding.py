@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from sidecar.spool import SpoolUnavailable
 from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
 from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Respond
 
@@ -353,3 +354,29 @@ async def test_rate_limit_drains_a_backlog_in_full_batches(
     sizes = [len(orjson.loads(r.body)["interactions"]) for r in fake.requests]
     assert sizes == [10] * 5
     assert await metric(sidecar, "precogx_sidecar_rate_limited_seconds_total") > 0
+
+
+async def test_deliveries_the_spool_cannot_record_pause_the_forwarder(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Disk full, or the spool file gone: a 2xx that cannot be recorded leaves the batch
+    pending. Claimed again at once it went upstream in a tight loop (hundreds of times
+    per event); now the forwarder backs off (here an hour) before it claims again."""
+    sidecar = await start_sidecar(retry={"initial_backoff_s": 3600, "max_backoff_s": 3600},
+                                  upstream={"linger_ms": 0})
+    spool = sidecar.server.spool
+
+    async def unrecordable(events: Any) -> None:
+        raise SpoolUnavailable("disk full")
+
+    spool.delete = unrecordable  # type: ignore[method-assign]
+    await post_events(sidecar, 3)
+    await fake.wait_for_received(3)
+    # Ingest goes on: each commit wakes the forwarder, which without the pause claimed
+    # the released batch again right away.
+    for _ in range(20):
+        await post_events(sidecar, 1)
+    await sidecar.stop()  # in-flight requests finish; nothing new is claimed meanwhile
+    assert len(fake.requests) == 1
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        assert db.execute("SELECT count(*) FROM events WHERE state = 'pending'").fetchone() == (23,)

@@ -63,6 +63,9 @@ class Forwarder:
         self._slots = asyncio.Semaphore(upstream.concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        # Consecutive deliveries the spool could not record, and when to claim again.
+        self._unrecorded = 0
+        self._resume_at = 0.0
 
     # -- life cycle ------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class Forwarder:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(spool.data_ready.wait(), remaining)
                     continue
+            await self._after_unrecorded()
             batch = await spool.claim(self.batch_events, self.config.upstream.batch_max_bytes)
             if batch:
                 return batch
@@ -155,10 +159,26 @@ class Forwarder:
                 self.spool.release(part)
             raise
         except SpoolUnavailable as e:
-            # Cannot record the result; the events stay pending and go again later.
-            log.error("spool unavailable while recording a delivery: %s", e)
+            # Cannot record the result (disk full, the spool file gone): the events stay
+            # pending. Claimed again at once, the same batch would go upstream in a loop.
+            self._unrecorded += 1
+            pause = self.policy.backoff(self._unrecorded)
+            self._resume_at = time.monotonic() + pause
+            if self._unrecorded == 1:
+                log.error("spool cannot record deliveries (%s): pausing deliveries, backing "
+                          "off up to retry.max_backoff_s", e)
             for part in parts:
                 self.spool.release(part)
+        else:
+            if self._unrecorded:
+                log.info("spool records deliveries again: delivering")
+                self._unrecorded = 0
+
+    async def _after_unrecorded(self) -> None:
+        """Claim nothing until the pause after an unrecorded delivery is over."""
+        delay = self._resume_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def _settle(self, part: list[StoredEvent]) -> list[list[StoredEvent]]:
         """Send until the part is delivered or dead-lettered; return halves to send instead."""
