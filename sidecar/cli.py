@@ -361,7 +361,7 @@ def _spool_stats(args: argparse.Namespace) -> int:
         age = stats["oldest_pending_age_s"]
         print(f"oldest       {'-' if age is None else f'{age:.1f}s'}")
         for reason, n in stats["dead_by_reason"].items():
-            print(f"dead/{reason:<8}{n}")
+            print(f"{'dead/' + reason:<12} {n}")
         return 0
 
     return _with_spool(args, work)

@@ -147,6 +147,7 @@ async def test_spool_stats_and_check(start_sidecar: StartSidecar, fake: FakePrec
     assert stats["bytes"] > 0
     code, out, _ = await cli(sidecar, "spool", "stats")
     assert "dead         2" in out
+    assert "dead/rejected 2" in out  # reasons longer than the column still get a space
     code, out, _ = await cli(sidecar, "spool", "check")
     assert (code, out.strip()) == (0, "ok")
 
