@@ -168,6 +168,7 @@ class Server:
         """Checkpoint the WAL, track the oldest pending event, notice CLI edits, prune keys."""
         interval = self.config.spool.checkpoint_interval_s
         last_prune = time.monotonic()
+        failing: str | None = None
         while True:
             await asyncio.sleep(interval)
             try:
@@ -181,4 +182,10 @@ class Server:
                     last_prune = now
                     await self.spool.prune_idempotency_keys()
             except (sqlite3.Error, OSError, SpoolUnavailable) as e:
-                log.warning("spool maintenance failed (will retry): %s", e)
+                if str(e) != failing:  # one line per change, not one per interval
+                    log.warning("spool maintenance failed (will retry): %s", e)
+                failing = str(e)
+            else:
+                if failing is not None:
+                    log.info("spool maintenance works again")
+                failing = None

@@ -259,6 +259,34 @@ async def test_spool_full_is_logged_once_per_change(
     assert len(full) == 1 and full[0].levelname == "WARNING"
 
 
+async def test_spool_failures_are_logged_once_per_change(
+    start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Disk full, or the file gone: a failing commit or maintenance pass logs once, not
+    once per group commit or per checkpoint interval."""
+    sidecar = await start_sidecar(spool={"checkpoint_interval_s": 0.01},
+                                  upstream={"api_key_file": ""})
+    spool = sidecar.server.spool
+    passes = 0
+    enough = asyncio.Event()
+
+    async def failing_checkpoint() -> None:
+        nonlocal passes
+        passes += 1
+        if passes == 5:
+            enough.set()
+        raise sqlite3.OperationalError("database or disk is full")
+
+    spool.checkpoint = failing_checkpoint  # type: ignore[method-assign]
+    os.unlink(sidecar.config.spool.path)
+    for _ in range(3):
+        assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 503
+    await enough.wait()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "spool commit failed" in m]) == 1
+    assert len([m for m in messages if "spool maintenance failed" in m]) == 1
+
+
 async def test_batch_that_does_not_fit_is_refused_whole(start_sidecar: StartSidecar) -> None:
     sidecar = await start_sidecar(spool={"max_events": 4}, upstream={"api_key_file": ""})
     assert (await sidecar.post(BATCH, {"interactions": [event()] * 3}))[0] == 202

@@ -174,6 +174,9 @@ async def test_a_second_spool_on_the_same_file_is_refused(tmp_path: Path) -> Non
     await first.open()
     with pytest.raises(SpoolInUse, match="another sidecar is running on this spool"):
         await Spool(config).open()
+    (tmp_path / "alias.db").symlink_to(tmp_path / "s.db")
+    with pytest.raises(SpoolInUse):
+        await Spool(SpoolConfig(path=str(tmp_path / "alias.db"))).open()
     await first.close()
     second = Spool(config)
     await second.open()  # free again once the first is closed

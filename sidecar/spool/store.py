@@ -148,7 +148,7 @@ class Spool:
 
     async def open(self) -> None:
         Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(Path(self.config.path + ".lock"))
+        self._lock = _lock(Path(self.config.path))
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
@@ -713,11 +713,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _lock(path: Path) -> int:
-    """An exclusive lock on ``path`` for as long as the returned descriptor is open (the
-    kernel drops it when the process dies, however it dies). Two sidecars on one spool
-    would hand out the same ids for different events, and each would deliver and delete
-    what the other stored."""
+def _lock(spool: Path) -> int:
+    """An exclusive lock on the spool's lock file for as long as the returned descriptor
+    is open (the kernel drops it when the process dies, however it dies). Two sidecars on
+    one spool would hand out the same ids for different events, and each would deliver
+    and delete what the other stored. Named after the file itself, so that no symlink or
+    relative path gets round it."""
+    path = Path(f"{spool.resolve()}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
