@@ -9,6 +9,7 @@ import sqlite3
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
@@ -361,3 +362,44 @@ async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
     assert status == 503 and body["error"]["code"] == "SPOOL_UNAVAILABLE"
     status, ready = await sidecar.get("/readyz")
     assert status == 503 and ready["status"] == "spool_unwritable"
+
+
+async def raw_post(sidecar: Sidecar, path: str, headers: bytes, body: bytes) -> tuple[int, Any]:
+    """A request written byte for byte: header values no HTTP client would send."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n" + headers
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    # Bounded: the bug this guards against left requests unanswered for ever.
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(payload) if payload else None
+
+
+async def test_header_bytes_that_are_not_utf8_get_a_clear_4xx(
+    start_sidecar: StartSidecar,
+) -> None:
+    """An Idempotency-Key of such bytes reached SQLite as a lone surrogate, and the error
+    killed the spool's writer: every later request hung. A token of them was a 500."""
+    token = "ingest-token-0123456789"
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    auth = f"x-api-key: {token}\r\n".encode()
+    body = orjson.dumps(EXAMPLE_EVENT)
+    status, answer = await raw_post(sidecar, SINGLE, auth + b"Idempotency-Key: \xff\r\n", body)
+    assert status == 400 and answer["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+    for bad in (b"x-api-key: \xff\xfe\r\n", b"Authorization: Bearer \xff\r\n"):
+        status, answer = await raw_post(sidecar, SINGLE, bad, body)
+        assert status == 401 and answer["error"]["code"] == "INVALID_API_KEY"
+    status, _ = await raw_post(sidecar, SINGLE, auth, body)
+    assert status == 202
+
+
+async def test_a_body_that_does_not_decode_gets_400(sidecar: Sidecar) -> None:
+    status, answer = await raw_post(sidecar, SINGLE, b"Content-Encoding: gzip\r\n", b"garbage")
+    assert status == 400
+    assert answer["error"]["code"] == "INVALID_BODY" and "gzip" in answer["error"]["message"]
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics

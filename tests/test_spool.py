@@ -168,6 +168,15 @@ async def test_close_commits_what_was_handed_in_then_refuses(tmp_path: Path) -> 
         await s.append(s.allocate_ids(1), [b"{}"])
 
 
+async def test_a_value_sqlite_cannot_bind_refuses_its_group_and_the_writer_goes_on(
+    spool: Spool,
+) -> None:
+    # Bounded: the error used to kill the writer, and every later append hung.
+    with pytest.raises(SpoolUnavailable):
+        await asyncio.wait_for(put(spool, 1, key="\udcff"), 30)  # a lone surrogate
+    assert await asyncio.wait_for(put(spool, 1), 30) == [2]
+
+
 async def test_a_second_spool_on_the_same_file_is_refused(tmp_path: Path) -> None:
     config = SpoolConfig(path=str(tmp_path / "s.db"))
     first = Spool(config)

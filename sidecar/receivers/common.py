@@ -28,7 +28,8 @@ def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True)
         if scheme.lower() != "bearer":
             return False
         sent = credentials.strip()
-    return hmac.compare_digest(sent.encode(), token)
+    # A header byte that is not UTF-8 arrives as a lone surrogate: compared as sent.
+    return hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), token)
 
 
 def spool_interactions(

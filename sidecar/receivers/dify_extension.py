@@ -170,6 +170,9 @@ class DifyExtension:
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
+        except web.RequestPayloadError as e:
+            self.metrics.events_rejected.labels("invalid_body").inc()
+            return _error(400, f"body cannot be read as sent: {e}")
         except orjson.JSONEncodeError as e:
             # The answer echoes the inputs, and orjson writes only 255 levels of nesting.
             self.metrics.events_rejected.labels("invalid_event").inc()

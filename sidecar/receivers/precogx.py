@@ -116,6 +116,12 @@ class IngestReceiver:
             return await request.read()
         except web.HTTPRequestEntityTooLarge as e:
             raise _too_large(None, self.config.max_body_bytes) from e
+        except web.RequestPayloadError as e:
+            encoding = request.headers.get("Content-Encoding", "none")
+            raise Rejection(
+                400, "INVALID_BODY", f"body cannot be read as sent (Content-Encoding: "
+                f"{encoding}): {e}", "invalid_body",
+            ) from None
 
     async def _store(
         self, items: list[dict[str, Any]], idempotency: tuple[str | None, str | None],
@@ -175,10 +181,14 @@ def _parse(body: bytes) -> Any:
 
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key") or request.headers.get("webhook-id")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+    # Printable ASCII, as the Idempotency-Key draft and Standard Webhooks' ids are: a
+    # header byte that is not UTF-8 arrives as a lone surrogate, which SQLite cannot store.
+    if key is not None and not (
+        0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()
+    ):
         raise Rejection(
             400, "INVALID_IDEMPOTENCY_KEY",
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
             "invalid_idempotency_key",
         )
     return key

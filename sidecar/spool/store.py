@@ -449,7 +449,9 @@ class Spool:
             result = await self._writer_db.call(
                 lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint)
             )
-        except (sqlite3.Error, OSError) as e:
+        except Exception as e:  # whatever it is, the writer must go on
+            # sqlite3 and OS errors above all, but anything a bad value raises in binding
+            # too: those requests are refused, and the spool keeps taking the others.
             self._fail(appends, ops, e)
             return
         if self.write_error is not None:
