@@ -344,8 +344,18 @@ def read_api_key(config: Config, env: Mapping[str, str] | None = None) -> str:
             raise ConfigError(f"upstream.api_key_file: {path} is not UTF-8 text") from None
         if not key:
             raise ConfigError(f"upstream.api_key_file: {path} is empty")
-        return key
-    return env.get(ENV_API_KEY, "").strip()
+        return _header_safe(key, f"upstream.api_key_file: {path}")
+    return _header_safe(env.get(ENV_API_KEY, "").strip(), ENV_API_KEY)
+
+
+def _header_safe(key: str, origin: str) -> str:
+    """The key goes out as the x-api-key header: a line break or other control character
+    (two keys in one file) would make every send fail, so it stops start-up instead
+    (and a SIGHUP keeps the old key). Never shows the key."""
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise ConfigError(f"{origin}: the API key holds a space, a line break or another "
+                          "character an HTTP header cannot carry: one key, on one line")
+    return key
 
 
 def render(config: Config, api_key_state: str, rule_lines: Sequence[str] = ()) -> str:

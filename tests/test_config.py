@@ -546,6 +546,22 @@ def test_empty_api_key_file_is_an_error(tmp_path: Path, content: str) -> None:
     assert "empty" in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["px_live_a\npx_live_b", "px_live_a px_live_b",
+                                 "px_live_a\x00", "px_live_é"])
+def test_an_api_key_no_header_can_carry_is_an_error(tmp_path: Path, key: str) -> None:
+    """Two keys in one file made every send fail inside the forwarder, for ever."""
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    ways: list[tuple[Config, dict[str, str]]] = [
+        (key_file_config(key_file), {}),
+        (config.load(None, env={}), {"PRECOGX_API_KEY": key}),
+    ]
+    for cfg, env in ways:
+        with pytest.raises(ConfigError, match="one key, on one line") as info:
+            config.read_api_key(cfg, env=env)
+        assert key not in str(info.value) and "px_live_a" not in str(info.value)
+
+
 def test_missing_api_key_file_is_an_error(tmp_path: Path) -> None:
     key_file = tmp_path / "missing-key"
     with pytest.raises(ConfigError) as info:
