@@ -275,7 +275,10 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) ->
 
 def _check_cross_field(config: Config) -> None:
     url = config.upstream.url
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as e:  # "http://[::1": not echoed, it may hold credentials
+        raise ConfigError(f"upstream.url: {e}") from None
     if "@" in parsed.netloc:
         # Printed by check-config and in the log (and in the error below): the key
         # belongs in its own setting.
@@ -285,6 +288,10 @@ def _check_cross_field(config: Config) -> None:
         )
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"upstream.url: must be an http:// or https:// URL, got {url!r}")
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number up to 65535
+    except ValueError as e:
+        raise ConfigError(f"upstream.url: {e}, got {url!r}") from None
     for key, token in (("server.ingest_token", config.server.ingest_token),
                        ("dify.extension_token", config.dify.extension_token)):
         if token and len(token) < MIN_TOKEN_CHARS:

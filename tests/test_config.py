@@ -608,6 +608,20 @@ def test_upstream_url_needs_scheme_and_host(url: str) -> None:
         config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
 
 
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://127.0.0.1:99999/api/v1", "Port out of range"),
+    ("http://h:abc/api/v1", "Port could not be cast"),
+    ("http://[::1/api/v1", "Invalid IPv6 URL"),
+    ("http://me:px_live_k@[::1/api/v1", "Invalid IPv6 URL"),
+])
+def test_upstream_url_with_a_bad_port_or_host_stops_start_up(url: str, problem: str) -> None:
+    """Accepted before, and then retried for ever as a connection failure (or a traceback)."""
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
+    assert str(info.value).startswith("upstream.url: ") and problem in str(info.value)
+    assert "px_live_k" not in str(info.value)
+
+
 @pytest.mark.parametrize(("variable", "key"), [
     ("PRECOGX_SIDECAR_INGEST_TOKEN", "server.ingest_token"),
     ("PRECOGX_SIDECAR_DIFY_EXTENSION_TOKEN", "dify.extension_token"),
