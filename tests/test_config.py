@@ -602,6 +602,20 @@ def test_choices_ignore_case() -> None:
     assert (cfg.spool.synchronous, cfg.log.level) == ("NORMAL", "info")
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"[server]\nport = 1\xff\n", "not UTF-8 text (byte 17)"),
+    (b"[server]\nport = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+])
+def test_a_config_file_python_cannot_read_is_one_line(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), env={})
+    assert str(info.value) == f"{path}: not valid TOML: {problem}"
+
+
 @pytest.mark.parametrize("url", ["https://", "ftp://example.com", "api.precogx.ai"])
 def test_upstream_url_needs_scheme_and_host(url: str) -> None:
     with pytest.raises(ConfigError, match=r"upstream\.url"):

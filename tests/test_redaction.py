@@ -803,6 +803,11 @@ ERRORS: list[tuple[Any, str]] = [
     ({"name": "r", "patterns": [1]}, "patterns must be a list of strings"),
     ({"name": "r", "patterns": ["ord-("]},
      "patterns[0] 'ord-(' is not a valid regex: missing ), unterminated subpattern"),
+    ({"name": "r", "patterns": ["a{99999999999}"]},
+     "is not a valid regex: the repetition number is too large"),
+    ({"name": "r", "patterns": ["(" * 3000 + "a" + ")" * 3000]},
+     "'((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((("
+     "...' is not a valid regex: nested too deeply"),
     ({"name": "r", "patterns": ["ok", "a*"]}, "patterns[1] 'a*' can match the empty string"),
     ({"name": "r", "patterns": [r"\b"]}, "can match the empty string"),
     ({"name": "r", "patterns": ["(a+)+$"]}, "exponential time on some texts (a repeat inside"),

@@ -183,15 +183,17 @@ def _parse_agent_ids(raw: dict[str, Any]) -> frozenset[str] | None:
 
 
 def _compile(index: int, pattern: str) -> re.Pattern[str]:
-    where = f"patterns[{index}] {pattern!r}"
+    where = f"patterns[{index}] {pattern if len(pattern) <= 80 else pattern[:77] + '...'!r}"
     try:
         regex = re.compile(pattern)
         parsed = _sre_parser.parse(pattern)
-    except re.error as e:
+        risk = _backtracking_risk(list(parsed))
+    except (re.error, OverflowError) as e:  # OverflowError: a{99999999999}
         raise _Invalid(f"{where} is not a valid regex: {e}") from None
+    except RecursionError:
+        raise _Invalid(f"{where} is not a valid regex: nested too deeply") from None
     if parsed.getwidth()[0] == 0:
         raise _Invalid(f"{where} can match the empty string; it must match at least a character")
-    risk = _backtracking_risk(list(parsed))
     if risk:
         raise _Invalid(
             f"{where} can take exponential time on some texts ({risk}); rewrite it, "
