@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import http.client
 import logging
 import sys
 import time
@@ -18,6 +19,7 @@ import orjson
 
 from sidecar import __version__, config, logs
 from sidecar.config import Config, ConfigError
+from sidecar.metrics import DEAD_LETTER_REASONS
 from sidecar.spool import admin
 
 log = logging.getLogger("sidecar")
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _filters(p, since=True)
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
     p = _command(dead_sub, "show", _dead_show, "Print one dead letter as JSON.")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=_event_id)
     p = _command(dead_sub, "replay", _dead_replay, "Send dead letters again (attempts reset).")
     _filters(p, ids=True, all_=True)
     p = _command(dead_sub, "purge", _dead_purge, "Delete dead letters for good.")
@@ -97,21 +99,35 @@ def _filters(
     p: argparse.ArgumentParser, *, since: bool = False, before: bool = False,
     ids: bool = False, all_: bool = False,
 ) -> None:
-    p.add_argument("--reason", help="only this reason (too_large, rejected, client_error, ...)")
+    p.add_argument("--reason", choices=DEAD_LETTER_REASONS, help="only this reason")
     if since:
         p.add_argument("--since", type=_time_arg, help="dead since T (ISO time, or 30m/2h/7d ago)")
     if before:
         p.add_argument("--before", type=_time_arg, help="dead before T (ISO time, or 7d ago)")
     if ids:
-        p.add_argument("--id", type=int, action="append", default=[], dest="ids", metavar="ID")
+        p.add_argument("--id", type=_event_id, action="append", default=[], dest="ids",
+                       metavar="ID")
     if all_:
         p.add_argument("--all", action="store_true", help="every dead letter")
+
+
+def _event_id(text: str) -> int:
+    try:
+        event_id = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event id") from None
+    if not 1 <= event_id < 2**63:  # SQLite's integers
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event id (1 to 2^63-1)")
+    return event_id
 
 
 def _time_arg(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[:-1].isdigit() and text[-1:] in units:
-        return time.time() - int(text[:-1]) * units[text[-1]]
+        try:
+            return time.time() - int(text[:-1]) * units[text[-1]]
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} is too long ago") from None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -195,7 +211,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             ok = response.status == 200
-    except OSError as e:
+    except (OSError, ValueError, http.client.InvalidURL) as e:  # a host no URL can hold
         return _fail(f"{url}: {e}")
     print("ok" if ok else "unhealthy")
     return 0 if ok else 1
@@ -246,7 +262,10 @@ def _redact(args: argparse.Namespace) -> int:
     except Rejection as e:
         return _fail(f"{source}: {e.message}")
     hits = [hit for item in items for hit in stage(item)]
-    _print_json({"interactions": items} if batch else items[0])
+    try:
+        _print_json({"interactions": items} if batch else items[0])
+    except orjson.JSONEncodeError as e:  # nested past the 255 levels orjson writes
+        return _fail(f"{source}: the event cannot be stored: {e}")
     for hit in hits:
         print(f"redacted: rule {hit.rule!r} ({hit.action}) at {hit.path}", file=sys.stderr)
     print(f"{len(hits)} redactions", file=sys.stderr)

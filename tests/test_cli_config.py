@@ -254,3 +254,34 @@ async def test_a_second_sidecar_on_the_same_spool_does_not_start(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "another sidecar is running on this spool" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "config_text", "expected"), [
+    (["dead-letters", "show", "9" * 23], "", "is not an event id (1 to 2^63-1)"),
+    (["dead-letters", "replay", "--id", "0"], "", "is not an event id"),
+    (["dead-letters", "list", "--since", "9" * 400 + "d"], "", "is too long ago"),
+    (["dead-letters", "list", "--reason", "bogus"], "", "invalid choice: 'bogus'"),
+    (["spool", "stats"], '[spool]\npath = "."\n', "spool.path: cannot open"),
+    (["healthcheck"], '[server]\nhost = "exa mple"\n', "can't contain control characters"),
+    (["healthcheck"], '[server]\nhost = "[::1]"\n', "does not appear to be an IPv4 or IPv6"),
+])
+def test_odd_cli_arguments_get_one_line_not_a_traceback(
+    tmp_path: Path, args: list[str], config_text: str, expected: str
+) -> None:
+    """Found by a bad-input hunt: each of these was a Python traceback, or (--reason)
+    silently matched nothing."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(config_text)
+    result = cli(tmp_path, *args, "--config", str(config_file))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_redact_refuses_an_event_nested_too_deeply_to_store(tmp_path: Path) -> None:
+    event = b'{"agentId": "a", "prompt": "p", "response": "r", "metadata": {"x": '
+    event += b"[" * 300 + b"]" * 300 + b"}}"
+    (tmp_path / "deep.json").write_bytes(event)
+    result = cli(tmp_path, "redact", "deep.json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "deep.json: the event cannot be stored" in result.stderr

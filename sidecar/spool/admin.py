@@ -31,7 +31,10 @@ class AdminError(Exception):
 def open_spool(path: str) -> Iterator[sqlite3.Connection]:
     if not Path(path).exists():
         raise AdminError(f"spool.path: {path} does not exist")
-    db = sqlite3.connect(path, timeout=10, isolation_level=None)
+    try:
+        db = sqlite3.connect(path, timeout=10, isolation_level=None)
+    except sqlite3.Error as e:  # a directory, say
+        raise AdminError(f"spool.path: cannot open {path}: {e}") from None
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
