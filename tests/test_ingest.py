@@ -115,6 +115,18 @@ async def test_one_bad_interaction_refuses_the_whole_batch(sidecar: Sidecar) -> 
     assert stored_rows(sidecar) == []
 
 
+@pytest.mark.parametrize(("body", "message"), [
+    ({"interactions": [{"agentId": "a", "prompt": "p", "response": "r"}, 7]},
+     "interactions[1] must be an object, got number"),
+    ([7], 'body must be {"interactions": [...]}'),
+])
+async def test_a_batch_item_that_is_no_object_is_named_once(
+    sidecar: Sidecar, body: Any, message: str
+) -> None:
+    status, answer = await sidecar.post(BATCH, body)
+    assert status == 400 and answer["error"]["message"] == message
+
+
 @pytest.mark.parametrize("body", [{}, {"interactions": []}, {"interactions": {}}, []])
 async def test_malformed_batch_is_refused(sidecar: Sidecar, body: Any) -> None:
     status, answer = await sidecar.post(BATCH, body)

@@ -370,3 +370,17 @@ async def test_the_writer_finishes_a_checkpoint_the_reader_could_not(tmp_path: P
     await grow_wal(spool, 1)  # this commit first copies the rest, then rewinds
     assert wal_frames_after_commit(path) <= 4
     await spool.close()
+
+
+@pytest.mark.parametrize(("version", "advice"), [
+    (SCHEMA_VERSION + 1, "use the CLI of the sidecar version that wrote it"),
+    (SCHEMA_VERSION - 1, "start this version's sidecar once to migrate it"),
+])
+def test_the_cli_names_the_way_out_of_a_schema_it_does_not_know(
+    tmp_path: Path, version: int, advice: str
+) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {version}")
+    with pytest.raises(admin.AdminError, match=advice), admin.open_spool(str(path)):
+        pass

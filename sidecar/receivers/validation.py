@@ -91,11 +91,11 @@ def _explain(item: Any, index: int | None) -> dict[str, Any]:
     """Either a valid item orjson would not produce (a bool subclass, say), or the first
     problem as PrecogX words it."""
     if not isinstance(item, dict):
-        where = "interaction" if index is None else f"interactions[{index}]"
-        raise _invalid(
-            "INVALID_FIELD_TYPE", f"{where} must be an object, got {_type_name(item)}",
-            "interaction" if index is None else "interactions", index,
-        )
+        got = f"must be an object, got {_type_name(item)}"
+        if index is None:
+            raise _invalid("INVALID_FIELD_TYPE", f"the interaction {got}", "interaction", None)
+        raise Rejection(400, "INVALID_FIELD_TYPE", f"interactions[{index}] {got}",
+                        "invalid_event", {"field": "interactions", "index": index})
     agent = item.get("agentId")
     if agent is None:
         raise _invalid("MISSING_REQUIRED_FIELD", "agentId is required", "agentId", index)

@@ -37,10 +37,15 @@ def open_spool(path: str) -> Iterator[sqlite3.Connection]:
         raise AdminError(f"spool.path: cannot open {path}: {e}") from None
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise AdminError(
+                f"{path}: spool schema version {version} is newer than this tool's "
+                f"({SCHEMA_VERSION}): use the CLI of the sidecar version that wrote it"
+            )
         if version != SCHEMA_VERSION:
             raise AdminError(
                 f"{path}: spool schema version {version}, this tool knows {SCHEMA_VERSION}; "
-                "start the sidecar of the matching version once to migrate it"
+                "start this version's sidecar once to migrate it"
             )
         yield db
     except sqlite3.DatabaseError as e:
