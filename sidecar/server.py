@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sqlite3
 import time
 
@@ -138,6 +139,11 @@ class Server:
         )
         try:
             await site.start()
+        except socket.gaierror as e:
+            raise StartupError(
+                f"server.host: {self.config.server.host!r} is no address or name this host "
+                f"can listen on (an IPv6 address goes without brackets): {e.strerror}"
+            ) from None
         except OSError as e:
             raise StartupError(
                 f"server.port: cannot listen on {self.config.server.host}:"

@@ -285,3 +285,17 @@ def test_redact_refuses_an_event_nested_too_deeply_to_store(tmp_path: Path) -> N
     result = cli(tmp_path, "redact", "deep.json")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "deep.json: the event cannot be stored" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["[::1]", "256.0.0.1"])
+def test_a_host_no_socket_can_take_is_named_as_server_host(tmp_path: Path, host: str) -> None:
+    """It was reported as a server.port problem."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(
+        f'[server]\nhost = "{host}"\nport = 0\ningest_token = "token-0123456789"\n'
+        f'[spool]\npath = "{tmp_path / "s.db"}"\n'
+    )
+    result = cli(tmp_path, "run", "--config", str(config_file))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"server.host: '{host}' is no address or name this host can listen on" in last
