@@ -136,7 +136,7 @@ class Spool:
         self._claim_cursor = 0
         self._data_version = 0
         self._finish_checkpoint = False
-        path = Path(self.config.path)
+        self._path = path = Path(self.config.path)
         self._writer_db = DbThread(path, self.config.synchronous, "spool-writer")
         self._reader_db = DbThread(path, self.config.synchronous, "spool-reader")
         self._writer_task: asyncio.Task[None] | None = None
@@ -147,12 +147,12 @@ class Spool:
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
-        Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(Path(self.config.path))
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self._path)
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
-            self._file = _identity(Path(self.config.path))
+            self._file = _identity(self._path)
             await self._reader_db.start()
         except BaseException:
             await self._writer_db.close()
@@ -511,10 +511,9 @@ class Spool:
         """After a commit, before anyone is answered: the commit went into the file at
         spool.path. Removed or replaced while open, SQLite goes on writing to the old
         inode, and whatever it held is gone at the next start."""
-        path = Path(self.config.path)
-        if _identity(path) != self._file:
+        if _identity(self._path) != self._file:
             raise FileNotFoundError(
-                f"{path} was removed or replaced while the sidecar ran: refusing events "
+                f"{self._path} was removed or replaced while the sidecar ran: refusing events "
                 "until it is restarted"
             )
 
