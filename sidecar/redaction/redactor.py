@@ -292,7 +292,7 @@ def _outside_markers(text: str, spans: list[Span], markers_in: Markers) -> list[
 
 def to_replace(text: str, spans: list[Span], markers: Markers) -> list[Span]:
     """The matches found in ``text`` as they are replaced, in order: overlapping ones as
-    one, and none that touches what an earlier redaction wrote."""
+    one, with what an earlier redaction wrote cut out of them (see _outside_markers)."""
     return _outside_markers(text, _merged(spans), markers)
 
 
