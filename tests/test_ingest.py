@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import os
 import sqlite3
 from typing import Any
@@ -172,6 +173,19 @@ async def test_oversize_body_gets_413(start_sidecar: StartSidecar) -> None:
     )
     assert status == 413
     assert stored_rows(sidecar) == []
+
+
+async def test_the_body_limit_holds_for_the_body_as_decoded(start_sidecar: StartSidecar) -> None:
+    """A gzip body of a few hundred bytes that inflates past server.max_body_bytes."""
+    sidecar = await start_sidecar(server={"max_body_bytes": 2048}, upstream={"api_key_file": ""})
+    gzip_header = b"Content-Encoding: gzip\r\n"
+    small = gzip.compress(orjson.dumps(EXAMPLE_EVENT))
+    assert (await raw_post(sidecar, SINGLE, gzip_header, small))[0] == 202
+    inflating = gzip.compress(orjson.dumps(event(prompt="x" * 4096)))
+    assert len(inflating) < 2048
+    status, answer = await raw_post(sidecar, SINGLE, gzip_header, inflating)
+    assert status == 413 and answer["error"]["details"] == {"max_body_bytes": 2048}
+    assert len(stored_rows(sidecar)) == 1
 
 
 async def test_idempotency_key_repeat_returns_first_answer(sidecar: Sidecar) -> None:

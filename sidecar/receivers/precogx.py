@@ -112,10 +112,19 @@ class IngestReceiver:
             raise _too_large(length, self.config.max_body_bytes)
 
     async def _read(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
         try:
+            if request.content.is_eof():
+                # All of it has arrived (the common case, a small body): taken as it lies
+                # in the buffer, without request.read()'s loop and copy. Measured after
+                # any Content-Encoding is undone, as request.read() measures it.
+                body = request.content.read_nowait()
+                if len(body) > limit:
+                    raise _too_large(None, limit)
+                return body
             return await request.read()
         except web.HTTPRequestEntityTooLarge as e:
-            raise _too_large(None, self.config.max_body_bytes) from e
+            raise _too_large(None, limit) from e
         except web.RequestPayloadError as e:
             encoding = request.headers.get("Content-Encoding", "none")
             raise Rejection(
