@@ -449,6 +449,9 @@ class Spool:
             result = await self._writer_db.call(
                 lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint)
             )
+            # Here, not in the connection's thread: there the stat would hand the GIL
+            # to the busy event loop and wait (up to a switch interval) to get it back.
+            self._check_file()
         except Exception as e:  # whatever it is, the writer must go on
             # sqlite3 and OS errors above all, but anything a bad value raises in binding
             # too: those requests are refused, and the spool keeps taking the others.
@@ -489,7 +492,6 @@ class Spool:
             # the GIL (up to a switch interval while the event loop is busy), so four
             # statements where one does would make each commit, and its p99, longer.
             self._insert(db, appends)
-            self._check_file()
             return _GroupResult([], appends, [(a, a.ids) for a in appends], (0, 0))
         if checkpoint:  # see checkpoint(): no other writer now, so it completes
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -504,11 +506,10 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._check_file()
         return _GroupResult(op_results, accepted, answers, evicted)
 
     def _check_file(self) -> None:
-        """After a commit, before anyone is answered: the commit went into the file at
+        """After each commit, before anyone is answered: the commit went into the file at
         spool.path. Removed or replaced while open, SQLite goes on writing to the old
         inode, and whatever it held is gone at the next start."""
         if _identity(self._path) != self._file:
