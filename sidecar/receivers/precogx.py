@@ -20,7 +20,7 @@ from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response, spool_interactions, token_matches
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
-from sidecar.redaction.stage import Detectors, RedactionStage
+from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import IdempotencyKeyReused, Spool, SpoolFull, SpoolUnavailable
 
 log = logging.getLogger("sidecar.receivers")
@@ -78,13 +78,22 @@ class IngestReceiver:
             # A repeat must be the same request: the same key on another one (a key
             # reused by two HTTP nodes of one workflow run) would otherwise drop it.
             fingerprint = _fingerprint(body) if key is not None else None
-            ids, repeated = await self._store(items, (key, fingerprint), secrets, redacted)
+            ids, committed = spool_interactions(
+                self.spool, self.redact, items, key, secrets, redacted=redacted,
+                fingerprint=fingerprint,
+            )
+            try:
+                stored = await committed
+            except (SpoolFull, IdempotencyKeyReused, SpoolUnavailable) as e:
+                raise self._refusal(e) from None
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
-        if not repeated:
+        if self._refusing:
+            self._spool_full(False)
+        if stored == ids:  # else a repeat, answered with the ids of the first request
             self._received[endpoint].count += len(ids)
-        return json_response(202, {"accepted": len(ids), "ids": ids})
+        return json_response(202, {"accepted": len(stored), "ids": stored})
 
     def _admit(self, request: web.Request) -> None:
         if not self.accepting:
@@ -98,8 +107,11 @@ class IngestReceiver:
                 "missing or wrong ingest token: send it as x-api-key or Authorization: Bearer",
                 "unauthorized",
             )
-        # The raw header, not request.content_type: its full parse is measurable per request.
-        content_type = request.headers.get(CONTENT_TYPE, "").partition(";")[0].strip().lower()
+        # The raw header, not request.content_type: its full parse is measurable per
+        # request. Most clients send exactly "application/json": no need to normalise that.
+        content_type = request.headers.get(CONTENT_TYPE, "")
+        if content_type not in JSON_TYPES:
+            content_type = content_type.partition(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
             raise Rejection(
                 415, "UNSUPPORTED_MEDIA_TYPE",
@@ -132,42 +144,29 @@ class IngestReceiver:
                 f"{encoding}): {e}", "invalid_body",
             ) from None
 
-    async def _store(
-        self, items: list[dict[str, Any]], idempotency: tuple[str | None, str | None],
-        secrets: Detectors | None, redacted: bool,
-    ) -> tuple[list[int], bool]:
-        key, fingerprint = idempotency
-        ids, committed = spool_interactions(
-            self.spool, self.redact, items, key, secrets, redacted=redacted,
-            fingerprint=fingerprint,
-        )
-        try:
-            stored = await committed
-        except SpoolFull:
+    def _refusal(self, error: Exception) -> Rejection:
+        """What the client is told when the spool did not take its events."""
+        if isinstance(error, SpoolFull):
             self._spool_full(True)
-            raise Rejection(
+            return Rejection(
                 503, "SPOOL_FULL",
                 "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
                 "retry later",
                 "spool_full", headers={"Retry-After": RETRY_AFTER_S},
-            ) from None
-        except IdempotencyKeyReused:
-            raise Rejection(
+            )
+        if isinstance(error, IdempotencyKeyReused):
+            return Rejection(
                 422, "IDEMPOTENCY_KEY_REUSED",
                 "this Idempotency-Key was first used for a different request within "
                 "server.idempotency_ttl_s; nothing was stored. Give each request its own "
                 "key (for a Dify workflow: {{#sys.workflow_run_id#}} plus the node's name)",
                 "idempotency_key_reused",
-            ) from None
-        except SpoolUnavailable:
-            raise Rejection(
-                503, "SPOOL_UNAVAILABLE",
-                "the events could not be committed to the spool; nothing was stored, retry later",
-                "spool_error", headers={"Retry-After": RETRY_AFTER_S},
-            ) from None
-        if self._refusing:
-            self._spool_full(False)
-        return stored, stored != ids
+            )
+        return Rejection(
+            503, "SPOOL_UNAVAILABLE",
+            "the events could not be committed to the spool; nothing was stored, retry later",
+            "spool_error", headers={"Retry-After": RETRY_AFTER_S},
+        )
 
     def _spool_full(self, full: bool) -> None:
         """One log line per change, never one per refused request."""
