@@ -279,11 +279,17 @@ async def test_spool_full_is_logged_once_per_change(
     start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
 ) -> None:
     sidecar = await start_sidecar(spool={"max_events": 1}, upstream={"api_key_file": ""})
-    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    stored = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers={"Idempotency-Key": "k-1"})
+    assert stored[0] == 202
     for _ in range(5):
         assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 503
+        # A repeat is answered from what was stored: it says nothing about room.
+        repeat = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers={"Idempotency-Key": "k-1"})
+        assert repeat == stored
+    messages = [r.getMessage() for r in caplog.records]
     full = [r for r in caplog.records if "spool full" in r.getMessage()]
     assert len(full) == 1 and full[0].levelname == "WARNING"
+    assert not [m for m in messages if "room again" in m]
 
 
 async def test_spool_failures_are_logged_once_per_change(

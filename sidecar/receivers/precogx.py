@@ -89,10 +89,10 @@ class IngestReceiver:
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
             return json_response(r.status, r.body(), r.headers)
-        if self._refusing:
-            self._spool_full(False)
         if stored == ids:  # else a repeat, answered with the ids of the first request
             self._received[endpoint].count += len(ids)
+            if self._refusing:  # these events found room (a repeat stores nothing)
+                self._spool_full(False)
         return json_response(202, {"accepted": len(stored), "ids": stored})
 
     def _admit(self, request: web.Request) -> None:
