@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from typing import Any
@@ -243,6 +244,32 @@ async def test_malformed_calls_get_400(sidecar: Sidecar, body: bytes, message: s
     status, answer = await sidecar.post(PATH, data=body, headers=DIFY_HEADERS)
     assert status == 400
     assert message in answer["error"]
+
+
+async def test_a_call_cut_off_mid_body_is_counted_not_logged_as_an_error(
+    sidecar: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = sidecar.server.metrics.events_rejected
+    refused = asyncio.Event()
+
+    class Refusals:  # the counter, telling the test when the handler refused
+        def labels(self, reason: str) -> Any:
+            refused.set()
+            return counter.labels(reason)
+
+    sidecar.server.metrics.events_rejected = Refusals()  # type: ignore[assignment]
+    _, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(
+        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"point"'
+    )
+    await writer.drain()
+    writer.close()
+    await asyncio.wait_for(refused.wait(), 30)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics
 
 
 async def test_answers_while_upstream_is_down(sidecar: Sidecar, fake: FakePrecogX) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gzip
+import logging
 import os
 import sqlite3
 from typing import Any
@@ -427,6 +428,36 @@ async def test_header_bytes_that_are_not_utf8_get_a_clear_4xx(
         assert status == 401 and answer["error"]["code"] == "INVALID_API_KEY"
     status, _ = await raw_post(sidecar, SINGLE, auth, body)
     assert status == 202
+
+
+async def test_a_client_gone_before_its_body_ends_is_counted_not_logged_as_an_error(
+    sidecar: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that gives up mid-body (a Dify node timing out) is no server error: it
+    was logged with a traceback at ERROR for every such request."""
+    receiver = sidecar.server.receiver
+    read = receiver._read
+    finished = asyncio.Event()
+
+    async def reading(request: Any) -> bytes:
+        try:
+            return await read(request)
+        finally:
+            finished.set()
+
+    receiver._read = reading  # type: ignore[method-assign]
+    _, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(
+        b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"agentId"'
+    )
+    await writer.drain()
+    writer.close()
+    await asyncio.wait_for(finished.wait(), 30)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics
+    assert stored_rows(sidecar) == []
 
 
 async def test_a_body_that_does_not_decode_gets_400(sidecar: Sidecar) -> None:

@@ -173,6 +173,9 @@ class DifyExtension:
         except web.RequestPayloadError as e:
             self.metrics.events_rejected.labels("invalid_body").inc()
             return _error(400, f"body cannot be read as sent: {e}")
+        except ConnectionResetError:  # Dify gave up mid-body: counted, not a server error
+            self.metrics.events_rejected.labels("invalid_body").inc()
+            return _error(400, "the connection closed before the body was complete")
         except orjson.JSONEncodeError as e:
             # The answer echoes the inputs, and orjson writes only 255 levels of nesting.
             self.metrics.events_rejected.labels("invalid_event").inc()

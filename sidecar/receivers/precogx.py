@@ -143,6 +143,13 @@ class IngestReceiver:
                 400, "INVALID_BODY", f"body cannot be read as sent (Content-Encoding: "
                 f"{encoding}): {e}", "invalid_body",
             ) from None
+        except ConnectionResetError:
+            # The caller gave up mid-body (a timeout, say): nobody reads this answer, but
+            # the refusal is counted, and it is not logged as a server error.
+            raise Rejection(
+                400, "INVALID_BODY", "the connection closed before the body was complete",
+                "invalid_body",
+            ) from None
 
     def _refusal(self, error: Exception) -> Rejection:
         """What the client is told when the spool did not take its events."""
