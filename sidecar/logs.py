@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 _SECRETS: set[str] = set()
 _MASK = "********"
@@ -30,10 +31,12 @@ def scrub(text: str) -> str:
 
 def _without_request_bytes(record: logging.LogRecord) -> bool:
     """aiohttp logs a malformed request with the bytes it could not parse, a header line
-    or a chunk of the body: keep the kind of error, drop those bytes."""
+    or a chunk of the body, and a body it could not decode (drained after our 400) with a
+    traceback: keep the kind of error, drop the rest."""
     error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, HttpProcessingError):
-        record.msg = f"{record.getMessage()}: {type(error).__name__} (HTTP {error.code}); " \
+    if isinstance(error, HttpProcessingError | RequestPayloadError):
+        status = f" (HTTP {error.code})" if isinstance(error, HttpProcessingError) else ""
+        record.msg = f"{record.getMessage()}: {type(error).__name__}{status}; " \
             "the request's bytes are not logged"
         record.args = None
         record.exc_info = None

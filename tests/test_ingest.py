@@ -464,5 +464,6 @@ async def test_a_body_that_does_not_decode_gets_400(sidecar: Sidecar) -> None:
     status, answer = await raw_post(sidecar, SINGLE, b"Content-Encoding: gzip\r\n", b"garbage")
     assert status == 400
     assert answer["error"]["code"] == "INVALID_BODY" and "gzip" in answer["error"]["message"]
+    assert "\n" not in answer["error"]["message"]
     _, metrics = await sidecar.get("/metrics")
     assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics

@@ -6,6 +6,8 @@ import logging
 
 import orjson
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import logs
 
@@ -45,3 +47,25 @@ def test_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     assert line["logger"] == "sidecar.test"
     assert line["msg"] == "spool full with ********"
     assert line["ts"].endswith("Z")
+
+
+@pytest.mark.parametrize("error", [
+    BadHttpMessage("bad header line", headers=None),
+    RequestPayloadError("Can not decode content-encoding: gzip"),
+])
+def test_aiohttp_request_errors_are_one_line_without_the_request(
+    capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    """aiohttp logs a malformed request, or the unreadable body it drains after the
+    answer, with a traceback whose frames hold the request's bytes: a prompt, a key."""
+    logs.setup("info", "text")
+    try:
+        try:
+            raise ValueError("Authorization: Bearer sk-leaked-in-a-frame")
+        except ValueError as cause:
+            raise error from cause
+    except Exception:
+        logging.getLogger("aiohttp.server").exception("Unhandled exception")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "sk-leaked" not in err
+    assert f"Unhandled exception: {type(error).__name__}" in err

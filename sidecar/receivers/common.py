@@ -20,6 +20,13 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
     )
 
 
+def unreadable_body(request: web.Request, error: Exception) -> str:
+    """The refusal of a body aiohttp could not read, in one line (its message spans two)."""
+    encoding = request.headers.get("Content-Encoding", "none")
+    reason = " ".join(str(error).split())
+    return f"body cannot be read as sent (Content-Encoding: {encoding}): {reason}"
+
+
 def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True) -> bool:
     """The token from ``Authorization: Bearer`` (or ``x-api-key``), compared in constant time."""
     sent = request.headers.get("x-api-key") if x_api_key else None

@@ -35,7 +35,12 @@ from aiohttp import web
 
 from sidecar.config import DifyConfig
 from sidecar.metrics import Metrics
-from sidecar.receivers.common import json_response, spool_interactions, token_matches
+from sidecar.receivers.common import (
+    json_response,
+    spool_interactions,
+    token_matches,
+    unreadable_body,
+)
 from sidecar.receivers.validation import Rejection
 from sidecar.redaction.redactor import Hit
 from sidecar.redaction.stage import RedactionStage
@@ -172,7 +177,7 @@ class DifyExtension:
             return _error(400, str(e))
         except web.RequestPayloadError as e:
             self.metrics.events_rejected.labels("invalid_body").inc()
-            return _error(400, f"body cannot be read as sent: {e}")
+            return _error(400, unreadable_body(request, e))
         except ConnectionResetError:  # Dify gave up mid-body: counted, not a server error
             self.metrics.events_rejected.labels("invalid_body").inc()
             return _error(400, "the connection closed before the body was complete")

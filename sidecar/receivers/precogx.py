@@ -18,7 +18,12 @@ from aiohttp.hdrs import CONTENT_TYPE
 
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
-from sidecar.receivers.common import json_response, spool_interactions, token_matches
+from sidecar.receivers.common import (
+    json_response,
+    spool_interactions,
+    token_matches,
+    unreadable_body,
+)
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import IdempotencyKeyReused, Spool, SpoolFull, SpoolUnavailable
@@ -138,10 +143,8 @@ class IngestReceiver:
         except web.HTTPRequestEntityTooLarge as e:
             raise _too_large(None, limit) from e
         except web.RequestPayloadError as e:
-            encoding = request.headers.get("Content-Encoding", "none")
             raise Rejection(
-                400, "INVALID_BODY", f"body cannot be read as sent (Content-Encoding: "
-                f"{encoding}): {e}", "invalid_body",
+                400, "INVALID_BODY", unreadable_body(request, e), "invalid_body"
             ) from None
         except ConnectionResetError:
             # The caller gave up mid-body (a timeout, say): nobody reads this answer, but
