@@ -32,15 +32,20 @@ def scrub(text: str) -> str:
 def _without_request_bytes(record: logging.LogRecord) -> bool:
     """aiohttp logs a malformed request with the bytes it could not parse, a header line
     or a chunk of the body, and a body it could not decode (drained after our 400) with a
-    traceback: keep the kind of error, drop the rest."""
+    traceback: keep the kind of error, drop the rest. A client that went away (while
+    aiohttp answered "100 Continue", say) is no fault here: one line too."""
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError | RequestPayloadError):
         status = f" (HTTP {error.code})" if isinstance(error, HttpProcessingError) else ""
-        record.msg = f"{record.getMessage()}: {type(error).__name__}{status}; " \
-            "the request's bytes are not logged"
-        record.args = None
-        record.exc_info = None
-        record.exc_text = None
+        what = f"{type(error).__name__}{status}; the request's bytes are not logged"
+    elif isinstance(error, ConnectionResetError) and record.name.startswith("aiohttp."):
+        what = "the client closed the connection"
+    else:
+        return True
+    record.msg = f"{record.getMessage()}: {what}"
+    record.args = None
+    record.exc_info = None
+    record.exc_text = None
     return True
 
 
