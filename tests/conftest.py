@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,6 +111,17 @@ class Sidecar:
                 return response.status, await response.json(content_type=None)
             except ValueError:
                 return response.status, text
+
+    async def post_cut_off(self, path: str, headers: bytes, body_start: bytes) -> None:
+        """A POST whose client closes the connection 90 bytes short of its body."""
+        _, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        writer.write(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + headers
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (len(body_start) + 90) + body_start
+        )
+        await writer.drain()
+        writer.close()
 
     async def get(self, path: str) -> tuple[int, Any]:
         async with self.session.get(self.url + path) as response:

@@ -258,14 +258,7 @@ async def test_a_call_cut_off_mid_body_is_counted_not_logged_as_an_error(
             return counter.labels(reason)
 
     sidecar.server.metrics.events_rejected = Refusals()  # type: ignore[assignment]
-    _, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
-    writer.write(
-        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-        + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-        + b'{"point"'
-    )
-    await writer.drain()
-    writer.close()
+    await sidecar.post_cut_off(PATH, f"Authorization: Bearer {KEY}\r\n".encode(), b'{"point"')
     await asyncio.wait_for(refused.wait(), 30)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     _, metrics = await sidecar.get("/metrics")

@@ -446,13 +446,7 @@ async def test_a_client_gone_before_its_body_ends_is_counted_not_logged_as_an_er
             finished.set()
 
     receiver._read = reading  # type: ignore[method-assign]
-    _, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
-    writer.write(
-        b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"agentId"'
-    )
-    await writer.drain()
-    writer.close()
+    await sidecar.post_cut_off(SINGLE, b"", b'{"agentId"')
     await asyncio.wait_for(finished.wait(), 30)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     _, metrics = await sidecar.get("/metrics")
