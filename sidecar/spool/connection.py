@@ -21,6 +21,12 @@ T = TypeVar("T")
 # Room for the INSERT of every group size (store.MAX_INSERT_ROWS) besides the rest.
 CACHED_STATEMENTS = 512
 
+# sqlite3 binds a bytes value (every payload) only after looking for an adapter, and
+# without one it raises and formats two AttributeErrors per value (__adapt__, then
+# __conform__). An identity adapter turns that into one dict lookup and a C call:
+# 49 instead of 59 us for the INSERT of a group of 22 events.
+sqlite3.register_adapter(bytes, bytes)
+
 _Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
 
 
