@@ -36,10 +36,11 @@ from aiohttp import web
 from sidecar.config import DifyConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
+    UnreadableBody,
     json_response,
+    read_body,
     spool_interactions,
     token_matches,
-    unreadable_body,
 )
 from sidecar.receivers.validation import Rejection
 from sidecar.redaction.redactor import Hit
@@ -171,16 +172,13 @@ class DifyExtension:
             self.metrics.events_rejected.labels("unauthorized").inc()
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         try:
-            return json_response(200, await self._answer(await request.read()))
+            return json_response(200, await self._answer(await read_body(request)))
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
-        except web.RequestPayloadError as e:
+        except UnreadableBody as e:
             self.metrics.events_rejected.labels("invalid_body").inc()
-            return _error(400, unreadable_body(request, e))
-        except ConnectionResetError:  # Dify gave up mid-body: counted, not a server error
-            self.metrics.events_rejected.labels("invalid_body").inc()
-            return _error(400, "the connection closed before the body was complete")
+            return _error(400, str(e))
         except orjson.JSONEncodeError as e:
             # The answer echoes the inputs, and orjson writes only 255 levels of nesting.
             self.metrics.events_rejected.labels("invalid_event").inc()

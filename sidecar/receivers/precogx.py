@@ -19,10 +19,11 @@ from aiohttp.hdrs import CONTENT_TYPE
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
+    UnreadableBody,
     json_response,
+    read_body,
     spool_interactions,
     token_matches,
-    unreadable_body,
 )
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import RedactionStage
@@ -129,30 +130,12 @@ class IngestReceiver:
             raise _too_large(length, self.config.max_body_bytes)
 
     async def _read(self, request: web.Request) -> bytes:
-        limit = self.config.max_body_bytes
         try:
-            if request.content.is_eof():
-                # All of it has arrived (the common case, a small body): taken as it lies
-                # in the buffer, without request.read()'s loop and copy. Measured after
-                # any Content-Encoding is undone, as request.read() measures it.
-                body = request.content.read_nowait()
-                if len(body) > limit:
-                    raise _too_large(None, limit)
-                return body
-            return await request.read()
+            return await read_body(request)
         except web.HTTPRequestEntityTooLarge as e:
-            raise _too_large(None, limit) from e
-        except web.RequestPayloadError as e:
-            raise Rejection(
-                400, "INVALID_BODY", unreadable_body(request, e), "invalid_body"
-            ) from None
-        except ConnectionResetError:
-            # The caller gave up mid-body (a timeout, say): nobody reads this answer, but
-            # the refusal is counted, and it is not logged as a server error.
-            raise Rejection(
-                400, "INVALID_BODY", "the connection closed before the body was complete",
-                "invalid_body",
-            ) from None
+            raise _too_large(None, self.config.max_body_bytes) from e
+        except UnreadableBody as e:
+            raise Rejection(400, "INVALID_BODY", str(e), "invalid_body") from None
 
     def _refusal(self, error: Exception) -> Rejection:
         """What the client is told when the spool did not take its events."""
