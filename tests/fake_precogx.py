@@ -64,6 +64,14 @@ class Delay:
 
 
 @dataclass
+class Hold:
+    """Wait until the test sets ``release``, then process normally: a request that stays
+    in flight exactly as long as a test needs it to."""
+
+    release: asyncio.Event
+
+
+@dataclass
 class Drop:
     """Close the connection without any response; nothing is recorded as received."""
 
@@ -77,7 +85,7 @@ class DropMidResponse:
     """
 
 
-Action = Respond | Delay | Drop | DropMidResponse
+Action = Respond | Delay | Hold | Drop | DropMidResponse
 
 
 @dataclass
@@ -247,6 +255,8 @@ class FakePrecogX:
 
         if isinstance(action, Delay):
             await asyncio.sleep(action.seconds)
+        if isinstance(action, Hold):
+            await action.release.wait()
         if isinstance(action, Drop):
             assert request.transport is not None
             request.transport.close()

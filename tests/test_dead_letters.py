@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from tests.conftest import EXAMPLE_EVENT, ROOT, Sidecar, StartSidecar, sidecar_command
-from tests.fake_precogx import FakePrecogX
+from tests.fake_precogx import FakePrecogX, Hold
 
 BATCH = "/api/v1/telemetry/batch"
 
@@ -47,7 +47,8 @@ async def with_dead_letters(
 ) -> tuple[Sidecar, list[int], list[int]]:
     """A sidecar whose spool holds two rejected dead letters and delivered the rest."""
     fake.reject_agent_ids = {"bad"}
-    sidecar = await start_sidecar(upstream={"batch_max_events": 10, "linger_ms": 100}, **overrides)
+    upstream = {"batch_max_events": 10, "linger_ms": 100, **overrides.pop("upstream", {})}
+    sidecar = await start_sidecar(upstream=upstream, **overrides)
     ids = await send(sidecar, ["good", "bad", "good", "bad", "good"])
     spool = sidecar.server.spool
     await spool.wait_until(lambda: spool.counts.pending == 0)
@@ -193,3 +194,29 @@ async def test_bad_time_and_missing_spool_are_clear_errors(
     os.remove(sidecar.config.spool.path)
     code, _, err = await cli(sidecar, "spool", "stats")
     assert code == 1 and "does not exist" in err and "Traceback" not in err
+
+
+async def test_replay_while_a_batch_is_in_flight_sends_nothing_twice(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """A replay makes the next claim look from the start of the spool, past a batch still
+    on its way. The claims after it once started from the last replayed id, below that
+    batch, and sent its events again while their first request was still open."""
+    sidecar, dead, delivered = await with_dead_letters(start_sidecar, fake, upstream={
+        "batch_max_events": 5, "linger_ms": 0, "concurrency": 2})
+    fake.reject_agent_ids = set()
+    release = asyncio.Event()
+    fake.script(Hold(release))
+    requests = len(fake.requests)
+    held = await send(sidecar, ["good"] * 5)
+    await fake.wait_for_requests(requests + 1)
+    code, _, err = await cli(sidecar, "dead-letters", "replay", "--reason", "rejected")
+    assert code == 0, err
+    await fake.wait_for_received(len(delivered) + len(dead))
+    later = await send(sidecar, ["good"])  # the next claim, while the held batch is out
+    await fake.wait_for_received(len(delivered) + len(dead) + len(later))
+    release.set()
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.pending == 0 and not spool.inflight)
+    ids = [int(ref.rsplit("-", 1)[1]) for ref in fake.received_ids()]
+    assert sorted(ids) == sorted(delivered + dead + held + later)

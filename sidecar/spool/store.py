@@ -247,8 +247,11 @@ class Spool:
             self._claim_cursor = 0
             batch = await self._claim_after(0, max_events, max_bytes)
         if batch:
-            self._claim_cursor = max(self._claim_cursor, batch[-1].id)
             self.inflight.update(e.id for e in batch)
+            # Past everything in flight, not just this batch: a claim from the start
+            # (after a replay) may take ids below a batch still on its way, and claims
+            # after the cursor skip nothing.
+            self._claim_cursor = max(self.inflight)
         if self.unclaimed <= 0:
             self.unclaimed_since = None
         return batch
@@ -278,9 +281,11 @@ class Spool:
         for e in events:
             self.inflight.discard(e.id)
         self._claim_cursor = 0
+        # A forwarder waiting for data would otherwise wait for the next new event.
+        self._signal_data()
 
-    async def delete(self, events: Sequence[StoredEvent]) -> None:
-        """Delivered: remove for good."""
+    async def delete(self, events: Sequence[StoredEvent]) -> set[int]:
+        """Delivered: remove for good. The ids that were still in the file."""
         ids = [e.id for e in events]
 
         def run(db: Db) -> set[int]:
@@ -296,7 +301,8 @@ class Spool:
             self.counts.bytes -= sum(e.size for e in events if e.id in present)
             self.inflight.difference_update(ids)
 
-        await self._submit(run, after)
+        present: set[int] = await self._submit(run, after)
+        return present
 
     async def reschedule(
         self, events: Sequence[StoredEvent], next_attempt_at: float, status: int | None, error: str
