@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import signal
@@ -12,7 +13,7 @@ import orjson
 
 from sidecar.spool import SpoolUnavailable
 from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
-from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Respond
+from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Hold, Respond
 
 BATCH = "/api/v1/telemetry/batch"
 SINGLE = "/api/v1/integrations/dify/telemetry"
@@ -158,7 +159,10 @@ async def test_413_splits_until_batches_fit(start_sidecar: StartSidecar, fake: F
     await drained(sidecar)
     assert sorted(received_ids(fake)) == ids
     assert dead_letters(sidecar) == []
-    assert 413 in [r.status for r in fake.requests]
+    too_large = [r.status for r in fake.requests].count(413)
+    assert too_large > 0
+    assert await metric(
+        sidecar, 'precogx_sidecar_delivery_failures_total{reason="http_4xx"}') == too_large
 
 
 async def test_single_event_too_large_is_dead_lettered(
@@ -227,6 +231,85 @@ async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
     assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 0
     assert (await sidecar.get("/readyz"))[0] == 200
     assert dead_letters(sidecar) == []
+
+
+async def test_a_401_for_the_key_replaced_meanwhile_sends_again_with_the_new_one(
+    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
+) -> None:
+    """The old key's 401 arrives after SIGHUP brought a good key: it used to pause the
+    good key for retry.max_backoff_s."""
+    fake.api_keys = {"px_rotated_key"}
+    release = asyncio.Event()
+    fake.script(Hold(release))
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    ids = await post_events(sidecar, 3)
+    await fake.wait_for_requests(1)  # on its way with the old key
+    (tmp_path / "api-key").write_text("px_rotated_key\n")
+    sidecar.server.reload_api_key()  # what SIGHUP runs
+    release.set()
+    await asyncio.wait_for(drained(sidecar), 10)
+    assert sorted(received_ids(fake)) == ids
+    assert not sidecar.server.forwarder.auth_rejected
+
+
+async def test_sighup_probes_at_once_and_the_state_follows_the_new_answer(
+    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
+) -> None:
+    """A new key is not a rejected one: if the probe then meets an outage, the state is
+    upstream_failing, not auth_rejected."""
+    fake.api_keys = {"px_rotated_key"}
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    await post_events(sidecar, 2)
+    spool, forwarder = sidecar.server.spool, sidecar.server.forwarder
+    await spool.wait_until(lambda: forwarder.auth_rejected)
+    fake.default = Respond(503)
+    (tmp_path / "api-key").write_text("px_rotated_key\n")
+    sidecar.server.reload_api_key()
+    await asyncio.wait_for(spool.wait_until(lambda: forwarder.state == "upstream_failing"), 10)
+    assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 0
+    assert len(fake.requests) == 2  # the probe went at once, not after an hour
+
+
+async def test_a_dead_letter_does_not_lift_a_hold_another_request_was_asked_for(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """One request gets 429 Retry-After: an hour; a request sent before it then gets a
+    verdict (400) on its event. That verdict used to close the circuit, and the next
+    events went at once."""
+    fake.reject_agent_ids = {"bad"}
+    release = asyncio.Event()
+    fake.script(Respond(429, headers={"Retry-After": "3600"}), Hold(release))
+    sidecar = await start_sidecar(
+        upstream={"mode": "single", "concurrency": 2, "linger_ms": 0},
+        retry={"max_backoff_s": 3600.0},
+    )
+    status, _ = await sidecar.post(BATCH, {"interactions": [
+        {**EXAMPLE_EVENT, "agentId": agent} for agent in ("good", "bad", "good", "good")]})
+    assert status == 202
+    spool, circuit = sidecar.server.spool, sidecar.server.forwarder.circuit
+    await fake.wait_for_requests(2)
+    await spool.wait_until(lambda: circuit.is_open)
+    release.set()
+    await spool.wait_until(lambda: spool.counts.dead == 1)
+    assert circuit.is_open
+    assert (await sidecar.get("/readyz"))[1]["status"] == "upstream_failing"
+
+
+async def test_shutdown_does_not_wait_out_a_backoff(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """During an outage no request is on its way, only batches waiting out their hold:
+    shutdown used to give them the whole grace period (docker stop's 10 s, here an hour)."""
+    fake.default = Respond(503, headers={"Retry-After": "3600"})
+    sidecar = await start_sidecar(server={"port": 0, "shutdown_grace_s": 3600.0},
+                                  retry={"max_backoff_s": 3600.0})
+    ids = await post_events(sidecar, 3)
+    spool, circuit = sidecar.server.spool, sidecar.server.forwarder.circuit
+    await spool.wait_until(lambda: circuit.is_open)
+    await asyncio.wait_for(sidecar.stop(), 10)
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        pending = db.execute("SELECT id FROM events WHERE state = 'pending' ORDER BY id")
+        assert [row[0] for row in pending] == ids
 
 
 async def test_expired_events_are_dead_lettered_not_sent(
@@ -356,6 +439,29 @@ async def test_rate_limit_drains_a_backlog_in_full_batches(
     assert await metric(sidecar, "precogx_sidecar_rate_limited_seconds_total") > 0
 
 
+async def test_a_delivery_the_spool_could_not_record_goes_again_after_the_pause(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """The batch is released, and the forwarder, waiting for new data with a free slot,
+    used to wait for the next event to arrive: without one, the backlog sat forever."""
+    sidecar = await start_sidecar(retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.01},
+                                  upstream={"linger_ms": 0})
+    spool = sidecar.server.spool
+    delete = spool.delete
+    failures: list[None] = []
+
+    async def once_unrecordable(events: Any) -> set[int]:
+        if not failures:
+            failures.append(None)
+            raise SpoolUnavailable("disk full")
+        return await delete(events)
+
+    spool.delete = once_unrecordable  # type: ignore[method-assign]
+    ids = await post_events(sidecar, 3)
+    await asyncio.wait_for(drained(sidecar), 30)  # and no new event meanwhile
+    assert sorted(received_ids(fake)) == sorted(ids * 2)  # sent again, as promised
+
+
 async def test_deliveries_the_spool_cannot_record_pause_the_forwarder(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
@@ -366,7 +472,7 @@ async def test_deliveries_the_spool_cannot_record_pause_the_forwarder(
                                   upstream={"linger_ms": 0})
     spool = sidecar.server.spool
 
-    async def unrecordable(events: Any) -> None:
+    async def unrecordable(events: Any) -> set[int]:
         raise SpoolUnavailable("disk full")
 
     spool.delete = unrecordable  # type: ignore[method-assign]

@@ -88,9 +88,16 @@ async def test_open_circuit_holds_then_admits_one_at_a_time() -> None:
     assert order == ["a in", "a out", "b in", "b out", "c in", "c out"]
 
 
-async def test_success_closes_the_circuit() -> None:
-    circuit = Circuit()
-    circuit.record_failure(5.0)
-    assert circuit.is_open
-    circuit.record_success()
+async def test_only_a_request_sent_after_the_failure_closes_the_circuit() -> None:
+    clock = FakeClock()
+    circuit = Circuit(clock)
+    async with circuit.admit() as on_its_way:
+        pass
+    circuit.record_failure(5.0)  # a 429 for another request, say
+    circuit.record_success(on_its_way)
+    assert circuit.is_open  # its success says nothing against the hold
+    clock.now = 6.0
+    async with circuit.admit() as probe:
+        pass
+    circuit.record_success(probe)
     assert circuit.failures == 0

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from sidecar.config import Config
 from sidecar.forwarder.circuit import Circuit
@@ -62,6 +62,10 @@ class Forwarder:
         self._key_ready = asyncio.Event()
         self._slots = asyncio.Semaphore(upstream.concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Those with a request on its way (or its answer being recorded): the only ones
+        # shutdown waits for. The others wait out a hold or the rate limit.
+        self._sending: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         # Consecutive deliveries the spool could not record, and when to claim again.
         self._unrecorded = 0
@@ -81,23 +85,32 @@ class Forwarder:
             self._key_ready.set()
         else:
             self._key_ready.clear()
-        if changed and self.auth_rejected:
+        if self.auth_rejected:
+            # Probe at once, even with the same key: its permissions may have been fixed
+            # upstream. A new key has not been rejected (yet).
             self.circuit.cut_short()
+            if changed:
+                self._auth_accepted()
         self._refresh_state()
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give in-flight requests ``grace_s``; the rest stays spooled."""
+        self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        # Batches only waiting (out a backoff, say, during an outage) need no grace.
+        waiting = self._deliveries - self._sending
+        for task in waiting:
+            task.cancel()
         if self._deliveries:
             _, late = await asyncio.wait(self._deliveries, timeout=grace_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-            if late:
-                log.info("shutdown: %d batches left in the spool for the next start", len(late))
+            if left := len(waiting | late):
+                log.info("shutdown: %d batches left in the spool for the next start", left)
 
     # -- batching --------------------------------------------------------------
 
@@ -185,14 +198,23 @@ class Forwarder:
         key = f"{self.spool.spool_id}-{part[0].id}-{part[-1].id}-{len(part)}"
         try:
             while True:
+                if self._stopping:  # what is left stays pending for the next start
+                    self.spool.release(part)
+                    return []
                 part = await self._expire(part)
                 if not part:
                     return []
-                async with self.circuit.admit():
+                async with self.circuit.admit() as ticket:
                     await self._take_rate_token()
-                    outcome = await self._send(part, key)
-                    decision = decide(outcome, self.circuit.failures + 1, len(part), self.policy)
-                    done = await self._apply(decision, outcome, part)
+                    with self._on_its_way():
+                        sent_with = self.client.api_key
+                        outcome = await self._send(part, key)
+                        decision = decide(
+                            outcome, self.circuit.failures + 1, len(part), self.policy
+                        )
+                        if isinstance(decision, PauseAuth) and sent_with != self.client.api_key:
+                            continue  # the old key's answer: SIGHUP brought a new one meanwhile
+                        done = await self._apply(decision, outcome, part, ticket)
                 if isinstance(decision, Split):
                     mid = len(part) // 2
                     return [part[:mid], part[mid:]]
@@ -201,6 +223,16 @@ class Forwarder:
         except BaseException:
             self.spool.release(part)
             raise
+
+    @contextlib.contextmanager
+    def _on_its_way(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sending.add(task)
+        try:
+            yield
+        finally:
+            self._sending.discard(task)
 
     async def _send(self, part: Sequence[StoredEvent], key: str) -> Outcome:
         self.metrics.batch_size.observe(len(part))
@@ -214,17 +246,23 @@ class Forwarder:
         if held:
             self.metrics.rate_limited_seconds.inc(held)
 
-    async def _apply(self, decision: Decision, outcome: Outcome, part: list[StoredEvent]) -> bool:
-        """Carry the decision out; True when the part needs no further sending."""
+    async def _apply(
+        self, decision: Decision, outcome: Outcome, part: list[StoredEvent], ticket: int
+    ) -> bool:
+        """Carry the decision out; True when the part needs no further sending. ``ticket``:
+        the circuit's, of the request that had this outcome."""
         if isinstance(decision, Deliver):
-            await self.spool.delete(part)
-            self._delivered(part)
+            present = await self.spool.delete(part)
+            # Only what was still in the file: an event drop_oldest evicted while it was
+            # on its way was counted as dropped then.
+            self._delivered([e for e in part if e.id in present], ticket)
             return True
         if isinstance(decision, Split):
+            self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
             log.info("upstream answered %s for %d events: splitting", outcome.status, len(part))
             return False
         if isinstance(decision, DeadLetter):
-            await self._dead_letter(part, decision.reason, outcome)
+            await self._dead_letter(part, decision.reason, outcome, ticket)
             return True
         self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
         self.metrics.retries.inc()
@@ -238,18 +276,27 @@ class Forwarder:
         await self.spool.reschedule(part, time.time() + delay, outcome.status, _describe(outcome))
         return False
 
-    def _delivered(self, part: Sequence[StoredEvent]) -> None:
+    def _delivered(self, part: Sequence[StoredEvent], ticket: int) -> None:
         now = time.time()
         self.metrics.events_delivered.inc(len(part))
         for event in part:
             self.metrics.delivery_latency.observe(now - event.received_at)
-        self.circuit.record_success()
+        self._upstream_answered(ticket)
+
+    def _upstream_answered(self, ticket: int) -> None:
+        """A 2xx, or a verdict on the events: the upstream works and took the key."""
+        self.circuit.record_success(ticket)
+        self._auth_accepted()
+        self._refresh_state()
+
+    def _auth_accepted(self) -> None:
         if self.auth_rejected:
             self.auth_rejected = False
             self.metrics.upstream_auth_failed.set(0)
-        self._refresh_state()
 
-    async def _dead_letter(self, part: list[StoredEvent], reason: str, outcome: Outcome) -> None:
+    async def _dead_letter(
+        self, part: list[StoredEvent], reason: str, outcome: Outcome, ticket: int
+    ) -> None:
         await self.spool.dead_letter(part, reason, outcome.status, _describe(outcome))
         self.metrics.events_dead_lettered.labels(reason).inc(len(part))
         if outcome.status is not None and outcome.status >= 400:
@@ -259,8 +306,7 @@ class Forwarder:
             len(part), reason, outcome.status,
         )
         # A dead letter is a verdict on the events, not a sign the upstream is down.
-        self.circuit.record_success()
-        self._refresh_state()
+        self._upstream_answered(ticket)
 
     async def _expire(self, part: list[StoredEvent]) -> list[StoredEvent]:
         cutoff = time.time() - self.config.retry.max_age_s
