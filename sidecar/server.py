@@ -93,13 +93,15 @@ class Server:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
-        #    Conversations the Dify extension still holds go to the spool as they stand.
-        await self.dify.stop()
         # 2. Let in-flight upstream requests finish within the grace period; what is
-        #    not delivered by then stays in the spool for the next start.
+        #    not delivered by then stays in the spool for the next start. The Dify
+        #    extension goes on answering and recording meanwhile: refusing its calls
+        #    would fail users' chats.
         await self.forwarder.stop(self.config.server.shutdown_grace_s)
         await self.client.close()
-        # 3. Commit what requests already handed to the spool: they get their 202.
+        # 3. Conversations the Dify extension still holds go to the spool as they stand;
+        #    then commit what requests already handed to the spool: they get their 202.
+        await self.dify.stop()
         await self.spool.close()
         # 4. Close the listener and the remaining connections.
         if self._runner is not None:

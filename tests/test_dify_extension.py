@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from sidecar.redaction.stage import RedactionStage
-from tests.conftest import Sidecar, StartSidecar
-from tests.fake_precogx import FakePrecogX, Respond
+from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
+from tests.fake_precogx import FakePrecogX, Hold, Respond
 
 KEY = "dify-ext-key-123"
 PATH = "/dify/extension"
@@ -309,3 +309,45 @@ async def test_an_unwritable_conversation_is_refused_alone(
     assert {r["prompt"] for r in fake.received} == {"qa", "qc"}
     status, metrics = await sidecar.get("/metrics")
     assert 'precogx_sidecar_events_rejected_total{reason="invalid_event"} 2.0' in metrics
+
+
+async def test_calls_during_the_shutdown_grace_are_recorded(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Shutdown gives a delivery on its way its grace period with the listener open. The
+    extension used to stop recording first: Dify's calls meanwhile were answered, and
+    their conversations lost without a count."""
+    release = asyncio.Event()
+    fake.script(Hold(release))
+    sidecar = await start_sidecar(
+        server={"port": 0, "shutdown_grace_s": 3600.0},
+        dify={"extension_token": KEY, "pair_idle_s": 3600.0, "input_wait_s": 3600.0},
+        upstream={"linger_ms": 0},
+    )
+    assert (await sidecar.post("/api/v1/telemetry/ingest", EXAMPLE_EVENT))[0] == 202
+    await fake.wait_for_requests(1)  # a delivery on its way
+    stopping = asyncio.create_task(sidecar.stop())
+    forwarder = sidecar.server.forwarder
+    assert forwarder._loop_task is not None
+    await asyncio.wait([forwarder._loop_task])  # shutdown is in the grace period
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "late answer"})
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        stored = [orjson.loads(r[0]) for r in db.execute("SELECT payload FROM events")]
+    assert [(e["prompt"], e["response"]) for e in stored] == [("q", "late answer")]
+
+
+async def test_calls_after_the_extension_stopped_are_answered_and_counted(
+    sidecar: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    await sidecar.server.dify.stop()
+    for _ in range(2):
+        status, answer = await call(sidecar, "app.moderation.input",
+                                    {"app_id": "a", "inputs": {}, "query": "q"})
+        assert (status, answer["flagged"]) == (200, False)
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_dropped_total{reason="dify_shutting_down"} 2.0' in metrics
+    assert [r.getMessage() for r in caplog.records if "no longer recorded" in r.getMessage()] \
+        == ["shutting down: Dify extension calls are answered but no longer recorded (counted)"]

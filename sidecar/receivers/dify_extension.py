@@ -148,6 +148,7 @@ class DifyExtension:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stopped = False
+        self._dropped_stopped = 0
         self._received = metrics.events_received.labels("dify_extension")
 
     def routes(self) -> list[web.RouteDef]:
@@ -233,7 +234,13 @@ class DifyExtension:
         return {**NOT_FLAGGED, "text": text}
 
     def _has_room(self) -> bool:
-        if self._stopped:  # shutting down: still answer, Dify's chats must not fail
+        if self._stopped:
+            # The spool is closing: still answer, Dify's chats must not fail.
+            if not self._dropped_stopped:
+                log.warning("shutting down: Dify extension calls are answered but no "
+                            "longer recorded (counted)")
+            self._dropped_stopped += 1
+            self.metrics.events_dropped.labels("dify_shutting_down").inc()
             return False
         if self.pairing.open < self.config.max_open:
             return True
