@@ -276,6 +276,20 @@ async def test_full_spool_rejects_with_503_and_retry_after(start_sidecar: StartS
     assert 'precogx_sidecar_events_rejected_total{reason="spool_full"} 1.0' in metrics
 
 
+async def test_a_request_larger_than_the_whole_spool_gets_413_not_503(
+    start_sidecar: StartSidecar,
+) -> None:
+    """"Full, retry later" for a request that can never fit, even in an empty spool, had
+    its client retry for ever."""
+    sidecar = await start_sidecar(spool={"max_events": 3}, upstream={"api_key_file": ""})
+    status, body = await sidecar.post(BATCH, {"interactions": [EXAMPLE_EVENT] * 4})
+    assert status == 413 and body["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert "spool.max_events = 3" in body["error"]["message"]
+    assert stored_rows(sidecar) == []
+    assert (await sidecar.get("/readyz"))[1]["status"] == "no_api_key"  # not spool_full
+    assert (await sidecar.post(BATCH, {"interactions": [EXAMPLE_EVENT] * 3}))[0] == 202
+
+
 async def test_spool_full_is_logged_once_per_change(
     start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -397,12 +411,15 @@ async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
     assert status == 503 and ready["status"] == "spool_unwritable"
 
 
-async def raw_post(sidecar: Sidecar, path: str, headers: bytes, body: bytes) -> tuple[int, Any]:
+async def raw_post(
+    sidecar: Sidecar, path: str, headers: bytes, body: bytes,
+    content_type: bytes = b"application/json",
+) -> tuple[int, Any]:
     """A request written byte for byte: header values no HTTP client would send."""
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
     writer.write(
         b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/json\r\n" + headers
+        b"Content-Type: " + content_type + b"\r\n" + headers
         + b"Content-Length: %d\r\n\r\n" % len(body) + body
     )
     # Bounded: the bug this guards against left requests unanswered for ever.
@@ -416,7 +433,8 @@ async def test_header_bytes_that_are_not_utf8_get_a_clear_4xx(
     start_sidecar: StartSidecar,
 ) -> None:
     """An Idempotency-Key of such bytes reached SQLite as a lone surrogate, and the error
-    killed the spool's writer: every later request hung. A token of them was a 500."""
+    killed the spool's writer: every later request hung. A token of them was a 500, and
+    so was such a Content-Type, echoed in the 415's message."""
     token = "ingest-token-0123456789"
     sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
     auth = f"x-api-key: {token}\r\n".encode()
@@ -426,6 +444,9 @@ async def test_header_bytes_that_are_not_utf8_get_a_clear_4xx(
     for bad in (b"x-api-key: \xff\xfe\r\n", b"Authorization: Bearer \xff\r\n"):
         status, answer = await raw_post(sidecar, SINGLE, bad, body)
         assert status == 401 and answer["error"]["code"] == "INVALID_API_KEY"
+    status, answer = await raw_post(sidecar, SINGLE, auth, body, b"application/json\xff")
+    assert status == 415 and answer["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"  # was a 500
+    assert answer["error"]["message"].endswith("got application/json\\udcff")
     status, _ = await raw_post(sidecar, SINGLE, auth, body)
     assert status == 202
 

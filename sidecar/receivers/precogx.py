@@ -27,7 +27,13 @@ from sidecar.receivers.common import (
 )
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import RedactionStage
-from sidecar.spool import IdempotencyKeyReused, Spool, SpoolFull, SpoolUnavailable
+from sidecar.spool import (
+    IdempotencyKeyReused,
+    LargerThanSpool,
+    Spool,
+    SpoolFull,
+    SpoolUnavailable,
+)
 
 log = logging.getLogger("sidecar.receivers")
 
@@ -90,7 +96,7 @@ class IngestReceiver:
             )
             try:
                 stored = await committed
-            except (SpoolFull, IdempotencyKeyReused, SpoolUnavailable) as e:
+            except (SpoolFull, LargerThanSpool, IdempotencyKeyReused, SpoolUnavailable) as e:
                 raise self._refusal(e) from None
         except Rejection as r:
             self.metrics.events_rejected.labels(r.reason).inc()
@@ -122,7 +128,9 @@ class IngestReceiver:
             raise Rejection(
                 415, "UNSUPPORTED_MEDIA_TYPE",
                 f"Content-Type must be application/json (or text/plain holding JSON), "
-                f"got {content_type or 'none'}",
+                # Escaped: a header byte that is not UTF-8 arrives as a lone surrogate,
+                # which JSON cannot carry.
+                f"got {content_type.encode('ascii', 'backslashreplace').decode() or 'none'}",
                 "unsupported_media_type",
             )
         length = request.content_length
@@ -146,6 +154,13 @@ class IngestReceiver:
                 "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
                 "retry later",
                 "spool_full", headers={"Retry-After": RETRY_AFTER_S},
+            )
+        if isinstance(error, LargerThanSpool):
+            return Rejection(
+                413, "PAYLOAD_TOO_LARGE",
+                f"the request can never fit in the spool: {error}; nothing was stored. "
+                "Send fewer events per request",
+                "too_large",
             )
         if isinstance(error, IdempotencyKeyReused):
             return Rejection(

@@ -3,6 +3,7 @@
 from sidecar.spool.schema import SpoolVersionError
 from sidecar.spool.store import (
     IdempotencyKeyReused,
+    LargerThanSpool,
     Spool,
     SpoolCounts,
     SpoolFull,
@@ -13,6 +14,7 @@ from sidecar.spool.store import (
 
 __all__ = [
     "IdempotencyKeyReused",
+    "LargerThanSpool",
     "Spool",
     "SpoolCounts",
     "SpoolFull",

@@ -51,6 +51,10 @@ class SpoolFull(Exception):
     """Not enough room for the events; nothing of the request was stored."""
 
 
+class LargerThanSpool(Exception):
+    """The events alone exceed spool.max_events or spool.max_bytes: they never fit."""
+
+
 class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error, shutting down); nothing was stored."""
 
@@ -219,13 +223,21 @@ class Spool:
 
         Resolves with the stored ids, or with the ids first answered for the same
         idempotency key (``fingerprint``: of the request, which a repeat must match).
-        Raises SpoolFull, SpoolUnavailable or IdempotencyKeyReused through the future.
+        Raises SpoolFull, LargerThanSpool, SpoolUnavailable or IdempotencyKeyReused through
+        the future.
         """
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(SpoolUnavailable("shutting down"))
             return future
         size = sum(map(len, payloads))
+        if len(ids) > self.config.max_events or size > self.config.max_bytes:
+            # "Full, retry later" would have the client retry for ever.
+            future.set_exception(LargerThanSpool(
+                f"{len(ids)} events of {size} bytes: more than spool.max_events = "
+                f"{self.config.max_events} or spool.max_bytes = {self.config.max_bytes}"
+            ))
+            return future
         self._appends.append(
             _Append(ids, payloads, size, time.time(), idempotency_key, fingerprint, future)
         )
