@@ -31,6 +31,12 @@ class ConfigError(Exception):
     """A setting that cannot be used; ``str()`` is the one line shown to the operator."""
 
 
+# Ceilings for settings without one of their own: a count or size past 2**53 - 1 no
+# longer fits SQLite's integers once added to, and seconds past 1e9 (some 30 years)
+# overflow the event loop's timers. Either stopped delivery long after start-up.
+MAX_INT = 2**53 - 1
+MAX_FLOAT = 1e9
+
 # Shorter tokens are guessable, and a secret too short to scrub from logs safely (it
 # would mask ordinary words) must not exist.
 MIN_TOKEN_CHARS = 8
@@ -223,6 +229,8 @@ def _parse_env(type_name: Any, text: str, key: str, var: str) -> Any:
             return float(text)
         if type_name.startswith("list"):
             return json.loads(text)
+    except RecursionError:  # "[[[[..." nested past what the parser can follow
+        raise ConfigError(f"{key}: nested too deeply (from env {var})") from None
     except ValueError:
         raise ConfigError(f"{key}: expected {type_name}, got {text!r} (from env {var})") from None
     return text
@@ -272,6 +280,10 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) ->
         raise ConfigError(f"{key}: must be > {meta['gt']}, got {value!r} {origin}")
     if meta["le"] is not None and value > meta["le"]:
         raise ConfigError(f"{key}: must be <= {meta['le']}, got {value!r} {origin}")
+    if not isinstance(value, bool):
+        ceiling = MAX_INT if isinstance(value, int) else MAX_FLOAT
+        if isinstance(value, int | float) and value > ceiling:
+            raise ConfigError(f"{key}: must be <= {ceiling!r}, got {value!r} {origin}")
     if meta["choices"] is not None and value not in meta["choices"]:
         options = " or ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{key}: must be {options}, got {value!r} {origin}")
@@ -302,6 +314,12 @@ def _check_cross_field(config: Config) -> None:
             raise ConfigError(
                 f"{key}: must be at least {MIN_TOKEN_CHARS} characters "
                 f"(got {len(token)}; e.g. openssl rand -hex 16)"
+            )
+        if token != token.strip() or not token.isprintable():
+            # HTTP strips a header value's ends and cannot carry control characters.
+            raise ConfigError(
+                f"{key}: starts or ends with whitespace, or holds a control character: "
+                "no request could ever send it"
             )
     if config.retry.max_backoff_s < config.retry.initial_backoff_s:
         raise ConfigError(
