@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import signal
 import sqlite3
 from typing import Any
 
 import orjson
+import pytest
 
-from sidecar.spool import SpoolUnavailable
+from sidecar.spool import SpoolUnavailable, StoredEvent
 from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
 from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Hold, Respond
 
@@ -460,6 +462,31 @@ async def test_a_delivery_the_spool_could_not_record_goes_again_after_the_pause(
     ids = await post_events(sidecar, 3)
     await asyncio.wait_for(drained(sidecar), 30)  # and no new event meanwhile
     assert sorted(received_ids(fake)) == sorted(ids * 2)  # sent again, as promised
+
+
+async def test_a_spool_read_that_fails_does_not_end_delivery(
+    start_sidecar: StartSidecar, fake: FakePrecogX, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error (or a lock held past busy_timeout) while claiming ended the
+    forwarder's loop: nothing more was delivered until a restart, and /readyz said ok."""
+    sidecar = await start_sidecar(retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.01},
+                                  upstream={"linger_ms": 0})
+    spool = sidecar.server.spool
+    claim = spool.claim
+    failures: list[None] = []
+
+    async def fails_once(max_events: int, max_bytes: int) -> list[StoredEvent]:
+        if not failures:
+            failures.append(None)
+            raise sqlite3.OperationalError("disk I/O error")
+        return await claim(max_events, max_bytes)
+
+    spool.claim = fails_once  # type: ignore[method-assign]
+    ids = await post_events(sidecar, 3)
+    await asyncio.wait_for(drained(sidecar), 30)
+    assert sorted(received_ids(fake)) == ids
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "forwarder cannot read the spool (disk I/O error): trying again with backoff"]
 
 
 async def test_deliveries_the_spool_cannot_record_pause_the_forwarder(

@@ -115,14 +115,29 @@ class Forwarder:
     # -- batching --------------------------------------------------------------
 
     async def _main_loop(self) -> None:
+        unreadable = 0  # claims in a row that failed
         while True:
             await self._key_ready.wait()
             await self._slots.acquire()
             try:
                 batch = await self._next_batch()
+            except Exception as e:
+                # The spool could not be read (an I/O error, a lock held too long): the
+                # events are safe in the file. Without this the forwarder ended here, and
+                # nothing was delivered until a restart.
+                self._slots.release()
+                unreadable += 1
+                if unreadable == 1:
+                    log.error("forwarder cannot read the spool (%s): trying again with backoff",
+                              e)
+                await asyncio.sleep(self.policy.backoff(unreadable))
+                continue
             except BaseException:
                 self._slots.release()
                 raise
+            if unreadable:
+                log.info("forwarder reads the spool again")
+                unreadable = 0
             task = asyncio.create_task(self._deliver(batch))
             self._deliveries.add(task)
             task.add_done_callback(self._delivery_done)
