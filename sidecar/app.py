@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from sidecar.forwarder.forwarder import Forwarder
@@ -12,6 +14,7 @@ from sidecar.receivers.precogx import IngestReceiver
 from sidecar.spool import Spool
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_PATH_SHOWN = 200
 
 READY_DETAIL = {
     "ok": "accepting events and delivering them",
@@ -54,15 +57,37 @@ def build_app(
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})
 
+    routes = [
+        *receiver.routes(),
+        *dify.routes(),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_page),
+    ]
+    allowed: dict[str, set[str]] = {}
+    for route in routes:
+        assert isinstance(route, web.RouteDef)
+        allowed.setdefault(route.path, set()).add(route.method)
+        if route.method == "GET":
+            allowed[route.path].add("HEAD")
+
+    async def no_route(request: web.Request) -> web.Response:
+        """What aiohttp answers in plain text, in the API's error body."""
+        methods = allowed.get(request.path)
+        if methods is None:
+            path = request.path[:MAX_PATH_SHOWN]  # echoed, but not a megabyte of it
+            return json_response(404, _error("NOT_FOUND", f"no such path: {path}", {}))
+        return json_response(405, _error(
+            "METHOD_NOT_ALLOWED", f"{request.path} takes {' or '.join(sorted(methods))}",
+            {"allowed": sorted(methods)},
+        ), {"Allow": ", ".join(sorted(methods))})
+
     # aiohttp enforces client_max_size while reading; the receiver turns it into our 413.
     app = web.Application(client_max_size=receiver.config.max_body_bytes)
-    app.add_routes(
-        [
-            *receiver.routes(),
-            *dify.routes(),
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics_page),
-        ]
-    )
+    # Last: the router tries it only once every real route has failed to match.
+    app.add_routes([*routes, web.route("*", "/{path:.*}", no_route)])
     return app
+
+
+def _error(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}

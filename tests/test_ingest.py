@@ -251,14 +251,17 @@ async def test_ingest_token_is_required_when_set(start_sidecar: StartSidecar) ->
     token = "tok_0123456789abcdef"
     sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
     for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"},
-                    {"Authorization": f"Basic {token}"}):
+                    {"Authorization": f"Basic {token}"},
+                    {"x-api-key": "wrong", "Authorization": f"Bearer {token}"}):
         status, answer = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
         assert status == 401, headers
         assert token not in str(answer)
-    for headers in ({"x-api-key": token}, {"Authorization": f"Bearer {token}"}):
+    # An empty x-api-key (a template left blank) used to hide a right Bearer token.
+    for headers in ({"x-api-key": token}, {"Authorization": f"Bearer {token}"},
+                    {"x-api-key": "", "Authorization": f"Bearer {token}"}):
         status, _ = await sidecar.post(SINGLE, EXAMPLE_EVENT, headers=headers)
-        assert status == 202
-    assert len(stored_rows(sidecar)) == 2
+        assert status == 202, headers
+    assert len(stored_rows(sidecar)) == 3
 
 
 async def test_full_spool_rejects_with_503_and_retry_after(start_sidecar: StartSidecar) -> None:
@@ -392,12 +395,23 @@ async def test_metrics_count_received_and_rejected(sidecar: Sidecar) -> None:
     assert 'precogx_sidecar_build_info{version="' in metrics
 
 
-async def test_unknown_path_and_method_do_not_500(sidecar: Sidecar) -> None:
+async def test_unknown_path_and_method_get_json_errors(sidecar: Sidecar) -> None:
+    """They were aiohttp's plain-text pages."""
     async with aiohttp.ClientSession() as session:
         async with session.get(sidecar.url + SINGLE) as response:
-            assert response.status == 405
-        async with session.post(sidecar.url + "/nope", json={}) as response:
-            assert response.status == 404
+            assert (response.status, response.headers["Allow"]) == (405, "POST")
+            assert (await response.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
+        async with session.post(sidecar.url + "/metrics") as response:
+            assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD")
+        for path, shown in (("/nope", "/nope"), (SINGLE + "/", SINGLE + "/"),
+                            ("/" + "x" * 5000, "/" + "x" * 199)):
+            async with session.post(sidecar.url + path, json={}) as response:
+                assert response.status == 404
+                body = await response.json()
+                assert body["error"] == {
+                    "code": "NOT_FOUND", "message": f"no such path: {shown}", "details": {}}
+    status, _ = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    assert status == 202  # the catch-all takes nothing from the real routes
 
 
 async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(

@@ -57,7 +57,7 @@ async def read_body(request: web.Request) -> bytes:
 def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True) -> bool:
     """The token from ``Authorization: Bearer`` (or ``x-api-key``), compared in constant time."""
     sent = request.headers.get("x-api-key") if x_api_key else None
-    if sent is None:
+    if not sent:  # an empty x-api-key (a template left blank) does not hide the Bearer
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
