@@ -351,3 +351,15 @@ async def test_calls_after_the_extension_stopped_are_answered_and_counted(
     assert 'precogx_sidecar_events_dropped_total{reason="dify_shutting_down"} 2.0' in metrics
     assert [r.getMessage() for r in caplog.records if "no longer recorded" in r.getMessage()] \
         == ["shutting down: Dify extension calls are answered but no longer recorded (counted)"]
+
+
+async def test_an_oversize_call_gets_a_json_413(sidecar: Sidecar) -> None:
+    """It was aiohttp's plain-text page, and not counted."""
+    big = orjson.dumps({"point": "app.moderation.input", "params": {
+        "app_id": "a", "inputs": {}, "query": "x" * (sidecar.config.server.max_body_bytes + 1)}})
+    status, body = await sidecar.post(PATH, data=big, headers=DIFY_HEADERS)
+    assert status == 413
+    assert body == {"error": "body is larger than server.max_body_bytes = "
+                             f"{sidecar.config.server.max_body_bytes}"}
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="too_large"} 1.0' in metrics

@@ -174,6 +174,10 @@ class DifyExtension:
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         try:
             return json_response(200, await self._answer(await read_body(request)))
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.events_rejected.labels("too_large").inc()
+            return _error(413, f"body is larger than server.max_body_bytes = "
+                               f"{request.client_max_size}")
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
