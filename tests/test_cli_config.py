@@ -299,3 +299,14 @@ def test_a_host_no_socket_can_take_is_named_as_server_host(tmp_path: Path, host:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert f"server.host: '{host}' is no address or name this host can listen on" in last
+
+
+def test_a_short_hmac_key_is_refused_in_a_readable_line(tmp_path: Path) -> None:
+    """The key was registered as a secret before it was refused, and masked wherever it
+    occurred: the key "short" made "...is shorter" read "...is ********er"."""
+    config = tmp_path / "c.toml"
+    config.write_text('[[redaction.rules]]\nname = "u"\npath = "userId"\naction = "hash"\n')
+    result = cli(tmp_path, "check-config", "--config", str(config),
+                 PRECOGX_SIDECAR_REDACTION_HMAC_KEY="short")
+    assert_config_error(result, "at least 16 bytes", "is shorter")
+    assert "****" not in result.stderr

@@ -28,9 +28,12 @@ BUILTIN_SECRETS = {"name": BUILTIN_SECRETS_RULE, "detectors": list(SECRET_DETECT
 
 
 def read_hmac_key(config: Config) -> bytes | None:
-    """The hash action's key: env PRECOGX_SIDECAR_REDACTION_HMAC_KEY, or the key file."""
+    """The hash action's key: env PRECOGX_SIDECAR_REDACTION_HMAC_KEY, or the key file.
+
+    Registered as a secret only once the rules accepted it (see build_stages): a short
+    key refused as such would otherwise be masked in the very message refusing it, and
+    in every word that holds it."""
     if config.redaction.hmac_key:
-        register_secret(config.redaction.hmac_key)
         return config.redaction.hmac_key.encode()
     path = config.redaction.hmac_key_file
     if not path:
@@ -41,7 +44,6 @@ def read_hmac_key(config: Config) -> bytes | None:
         raise ConfigError(f"redaction.hmac_key_file: cannot read {path}: {e.strerror}") from None
     if not key:
         raise ConfigError(f"redaction.hmac_key_file: {path} is empty")
-    register_secret(key.decode("utf-8", "replace"))
     return key
 
 
@@ -253,6 +255,8 @@ def build_stages(
         secrets = build_redactor([BUILTIN_SECRETS], None, rules)
     except RedactionError as e:
         raise ConfigError(str(e)) from None
+    if key:
+        register_secret(key.decode("utf-8", "replace"))
     inline = Redactor([rule for rule in rules.rules if rule.inline], key, rules)
     return (
         RedactionStage(rules, secrets if config.redaction.mask_secrets else None, metrics),
