@@ -49,3 +49,13 @@ def test_the_quick_check_takes_the_seed_event_and_refuses_bool_ids() -> None:
     assert validate_interaction(event) is event
     for field, value in (("appId", True), ("agentId", "  "), ("prompt", 3), ("toolCalls", {})):
         assert not _plainly_valid({**event, field: value}), field
+
+
+def test_an_id_of_a_wrong_type_is_told_what_is_accepted() -> None:
+    """Integers are accepted, as upstream does; the message said only "a string"."""
+    try:
+        validate_interaction({"agentId": "a", "prompt": "p", "response": "r", "userId": 1.5})
+    except Rejection as e:
+        assert (e.status, e.message) == (400, "userId must be a string (or an integer), got number")
+    else:
+        raise AssertionError("accepted")

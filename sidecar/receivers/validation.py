@@ -117,7 +117,7 @@ def _explain(item: Any, index: int | None) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
             raise _invalid(
                 "INVALID_FIELD_TYPE",
-                f"{name} must be a string, got {_type_name(value)}", name, index,
+                f"{name} must be a string (or an integer), got {_type_name(value)}", name, index,
             )
     for name, kind, label in (("metadata", dict, "an object"), ("toolCalls", list, "an array")):
         value = item.get(name)
