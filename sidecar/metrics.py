@@ -26,11 +26,18 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 FAILURE_REASONS = ("timeout", "connection", "http_4xx", "http_429", "http_5xx", "http_other")
+# Every label value each counter can take, exported at 0 from the start: an alert on
+# increase() sees the first event of a series that already exists, not one that appears.
 REJECT_REASONS = (
-    "invalid_json", "invalid_event", "unsupported_media_type", "too_large", "unauthorized",
-    "invalid_idempotency_key", "spool_full", "spool_error", "shutting_down",
+    "invalid_json", "invalid_body", "invalid_event", "unsupported_media_type", "too_large",
+    "unauthorized", "invalid_idempotency_key", "idempotency_key_reused", "spool_full",
+    "spool_error", "shutting_down",
 )
 DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
+DROP_REASONS = (
+    "spool_full", "dead_letter_pruned", "dify_pairing_full", "dify_spool_refused",
+    "dify_shutting_down",
+)
 
 
 class Tally:
@@ -139,7 +146,7 @@ class Metrics:
             self.events_dead_lettered.labels(reason)
         for state in ("pending", "inflight", "dead"):
             self.spool_events.labels(state)
-        for reason in ("spool_full", "dead_letter_pruned"):
+        for reason in DROP_REASONS:
             self.events_dropped.labels(reason)
 
     def tally(self, series: Any) -> Tally:

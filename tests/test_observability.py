@@ -8,6 +8,7 @@ except in CI (env CI set), where they fail.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import copy
@@ -471,3 +472,39 @@ def substitute(expr: str, values: dict[str, str]) -> str:
         return values[name]
 
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
+
+
+def counted_reasons() -> dict[str, set[str]]:
+    """The reason labels the code passes, literally, to the rejected and dropped counters."""
+    counted: dict[str, set[str]] = {"events_rejected": set(), "events_dropped": set()}
+    for path in (ROOT / "sidecar").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func, args = node.func, node.args
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name == "Rejection" and len(args) >= 4:
+                metric, literal = "events_rejected", args[3]
+            elif name == "labels" and isinstance(func, ast.Attribute) and args:
+                metric, literal = getattr(func.value, "attr", ""), args[0]
+            elif name == "dropped" and args:
+                metric, literal = "events_dropped", args[0]
+            else:
+                continue
+            if metric in counted and isinstance(literal, ast.Constant) and isinstance(
+                literal.value, str
+            ):
+                counted[metric].add(literal.value)
+    return counted
+
+
+def test_every_reason_the_code_counts_is_exported_at_zero_from_the_start() -> None:
+    """Alerts use increase(): a series that only appears with its first event hides that
+    event. invalid_body, idempotency_key_reused and the Dify drop reasons did."""
+    counted = counted_reasons()
+    assert {"idempotency_key_reused", "invalid_body"} <= counted["events_rejected"]
+    assert {"dify_shutting_down", "dead_letter_pruned"} <= counted["events_dropped"]
+    page = Metrics().render().decode()
+    for metric, reasons in counted.items():
+        for reason in reasons:
+            assert f'precogx_sidecar_{metric}_total{{reason="{reason}"}} 0.0' in page
