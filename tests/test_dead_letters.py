@@ -220,3 +220,59 @@ async def test_replay_while_a_batch_is_in_flight_sends_nothing_twice(
     await spool.wait_until(lambda: spool.counts.pending == 0 and not spool.inflight)
     ids = [int(ref.rsplit("-", 1)[1]) for ref in fake.received_ids()]
     assert sorted(ids) == sorted(delivered + dead + held + later)
+
+
+async def test_after_a_purge_the_spool_decides_by_what_the_file_holds(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """The running sidecar learns of a CLI change only at its next periodic recount (here
+    never); a request in between met counts still holding the purged dead letters: 503
+    SPOOL_FULL, or under drop_oldest, undelivered events evicted for nothing."""
+    fake.reject_agent_ids = {"bad"}
+    sidecar = await start_sidecar(
+        spool={"max_events": 10, "when_full": "drop_oldest", "checkpoint_interval_s": 3600.0},
+        upstream={"batch_max_events": 5, "concurrency": 1, "linger_ms": 0},
+    )
+    spool = sidecar.server.spool
+    await send(sidecar, ["bad"] * 5)
+    await spool.wait_until(lambda: spool.counts.dead == 5)
+    release = asyncio.Event()
+    fake.script(Hold(release))
+    held = await send(sidecar, ["good"] * 5)
+    await fake.wait_for_requests(len(fake.requests) + 1)  # all five on their way
+    code, _, err = await cli(sidecar, "dead-letters", "purge", "--all", "--yes")
+    assert code == 0, err
+    later = await send(sidecar, ["good"] * 3)  # fits: the file holds 5 of 10
+    release.set()
+    await asyncio.wait_for(spool.wait_until(lambda: spool.counts.events == 0), 30)
+    ids = [int(ref.rsplit("-", 1)[1]) for ref in fake.received_ids()]
+    assert sorted(ids) == held + later
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_dropped_total{reason="spool_full"} 0.0' in metrics
+
+
+async def test_after_a_replay_a_new_dead_letter_is_not_pruned_for_room_it_has(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Pruning went by the dead letters counted before the replay: the next one was
+    deleted at once, though the file held none."""
+    fake.reject_agent_ids = {"bad"}
+    sidecar = await start_sidecar(
+        spool={"max_dead_events": 5, "checkpoint_interval_s": 3600.0},
+        upstream={"batch_max_events": 5, "linger_ms": 0},
+    )
+    spool = sidecar.server.spool
+    replayed = await send(sidecar, ["bad"] * 5)
+    await spool.wait_until(lambda: spool.counts.dead == 5)
+    fake.reject_agent_ids = {"worse"}
+    code, _, err = await cli(sidecar, "dead-letters", "replay", "--reason", "rejected")
+    assert code == 0, err
+    dead = await send(sidecar, ["worse"])
+    await asyncio.wait_for(
+        spool.wait_until(lambda: spool.counts.pending == 0 and spool.counts.dead == 1), 30)
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        assert db.execute("SELECT id FROM events WHERE state = 'dead'").fetchall() == [
+            (dead[0],)]
+    assert sorted(int(ref.rsplit("-", 1)[1]) for ref in fake.received_ids()) == replayed
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_dropped_total{reason="dead_letter_pruned"} 0.0' in metrics

@@ -116,6 +116,9 @@ class _GroupResult:
     accepted: list[_Append]
     answers: list[tuple[_Append, list[int] | BaseException]]
     evicted: tuple[int, int]
+    # The counts as the file held them before this group, when another process (the CLI)
+    # had changed it since the loop's counts were taken; None if it had not.
+    recounted: SpoolCounts | None = None
 
 
 @dataclass
@@ -139,6 +142,8 @@ class Spool:
         self._closing = False
         self._claim_cursor = 0
         self._data_version = 0
+        # A slow-path transaction's recount, for the ops it runs (writer thread only).
+        self._recounted: SpoolCounts | None = None
         self._finish_checkpoint = False
         self._path = path = Path(self.config.path)
         self._writer_db = DbThread(path, self.config.synchronous, "spool-writer")
@@ -347,7 +352,10 @@ class Spool:
                 "last_status = ?, last_error = ?, attempts = attempts + 1 WHERE id = ?",
                 [(reason, now, status, error[:500], i) for i in present],
             )
-            return present, self._prune_dead(db, dead_before + len(present))
+            # After a CLI replay or purge the loop's count is stale: pruning by it would
+            # delete dead letters the cap has room for.
+            dead = self._recounted.dead if self._recounted is not None else dead_before
+            return present, self._prune_dead(db, dead + len(present))
 
         def after(result: tuple[set[int], tuple[int, int]]) -> None:
             present, pruned = result
@@ -414,18 +422,26 @@ class Spool:
         """Recount when another process (the CLI's replay or purge) changed the file."""
 
         def run(db: Db) -> SpoolCounts | None:
-            version = db.execute("PRAGMA data_version").fetchone()[0]
-            changed = version != self._data_version
-            self._data_version = version
-            return _count(db) if changed else None
+            return self._recount_if_changed(db)
 
         def after(counts: SpoolCounts | None) -> None:
             if counts is not None:
-                self.counts = counts
-                self._claim_cursor = 0
-                self._signal_data()
+                self._recounted_as(counts)
 
         await self._submit(run, after)
+
+    def _recounted_as(self, counts: SpoolCounts) -> None:
+        self.counts = counts
+        self._claim_cursor = 0  # replayed events may lie behind it
+        self._signal_data()
+
+    def _recount_if_changed(self, db: Db) -> SpoolCounts | None:
+        """In the writer's thread: the counts, if another process changed the file since
+        this connection last looked."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        changed = version != self._data_version
+        self._data_version = version
+        return _count(db) if changed else None
 
     # -- the writer --------------------------------------------------------------
 
@@ -478,6 +494,8 @@ class Spool:
         if self.write_error is not None:
             log.info("spool commits again")
             self.write_error = None
+        if result.recounted is not None:  # before anything this group changed
+            self._recounted_as(result.recounted)
         for op, op_result in zip(ops, result.op_results, strict=True):
             op.after_commit(op_result)
             if not op.future.done():
@@ -515,6 +533,12 @@ class Spool:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Decisions below go by the counts: after a CLI purge or replay, the loop's are
+            # stale (too high), and drop_oldest would evict, or pruning delete, for nothing.
+            # (The single INSERT above is safe with them: counts only ever fall that way.)
+            self._recounted = recounted = self._recount_if_changed(db)
+            if recounted is not None:
+                counts = (recounted.events, recounted.bytes)
             # Ops first: a recount among them then sees the file before this group's inserts.
             op_results = [op.run(db) for op in ops]
             accepted, answers, evicted = self._admit(db, appends, counts, inflight)
@@ -524,7 +548,9 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return _GroupResult(op_results, accepted, answers, evicted)
+        finally:
+            self._recounted = None
+        return _GroupResult(op_results, accepted, answers, evicted, recounted)
 
     def _check_file(self) -> None:
         """After each commit, before anyone is answered: the commit went into the file at
