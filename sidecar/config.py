@@ -13,6 +13,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -205,14 +206,31 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> None:
         known.update(f"{ENV_PREFIX}{section_name}_{f.name}".upper() for f in fields)
     # A misspelt variable would otherwise be ignored without a word, like an unknown key.
     for var in sorted(env):
-        if var.startswith(ENV_PREFIX) and var not in known:
-            raise ConfigError(f"{var}: unknown environment variable (see config.example.toml)")
+        if var.startswith(ENV_PREFIX) and var not in known and not _service_link(var, env[var]):
+            hint = " (did you mean PRECOGX_SIDECAR_SERVER_PORT?)" if var == _BARE_PORT else ""
+            raise ConfigError(
+                f"{var}: unknown environment variable{hint} (see config.example.toml)"
+            )
     for section_name, section in config.sections().items():
         for f in dataclasses.fields(section):
             var = f"{ENV_PREFIX}{section_name}_{f.name}".upper()
             if var in env:
                 value = _parse_env(f.type, env[var], f"{section_name}.{f.name}", var)
                 _set(section, f"{section_name}.{f.name}", f.name, value, f"from env {var}")
+
+
+# What Kubernetes puts in every pod of a namespace holding a Service named
+# precogx-sidecar (and Docker's legacy links): PRECOGX_SIDECAR_SERVICE_HOST,
+# PRECOGX_SIDECAR_PORT=tcp://..., PRECOGX_SIDECAR_PORT_8787_TCP_ADDR and so on.
+_SERVICE_LINK = re.compile(
+    r"PRECOGX_SIDECAR_(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)\w*)?)"
+)
+_BARE_PORT = "PRECOGX_SIDECAR_PORT"
+
+
+def _service_link(var: str, value: str) -> bool:
+    # The bare PORT only with a link's value: else it is a typo of SERVER_PORT.
+    return _SERVICE_LINK.fullmatch(var) is not None and (var != _BARE_PORT or "://" in value)
 
 
 def _parse_env(type_name: Any, text: str, key: str, var: str) -> Any:

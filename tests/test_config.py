@@ -193,6 +193,24 @@ def test_unrelated_env_vars_are_ignored() -> None:
     assert cfg.server.port == 8787
 
 
+def test_kubernetes_service_links_are_not_unknown_settings() -> None:
+    """A Service named precogx-sidecar puts these in every pod of its namespace: they
+    stopped the sidecar's start as unknown variables."""
+    links = {
+        "PRECOGX_SIDECAR_SERVICE_HOST": "10.0.0.11", "PRECOGX_SIDECAR_SERVICE_PORT": "8787",
+        "PRECOGX_SIDECAR_SERVICE_PORT_HTTP": "8787",
+        "PRECOGX_SIDECAR_PORT": "tcp://10.0.0.11:8787",
+        "PRECOGX_SIDECAR_PORT_8787_TCP": "tcp://10.0.0.11:8787",
+        "PRECOGX_SIDECAR_PORT_8787_TCP_PROTO": "tcp",
+        "PRECOGX_SIDECAR_PORT_8787_TCP_PORT": "8787",
+        "PRECOGX_SIDECAR_PORT_8787_TCP_ADDR": "10.0.0.11",
+    }
+    assert config.load(None, env=links).server.port == 8787
+    # Without a link's value, the bare one is a typo.
+    with pytest.raises(ConfigError, match="did you mean PRECOGX_SIDECAR_SERVER_PORT"):
+        config.load(None, env={"PRECOGX_SIDECAR_PORT": "9000"})
+
+
 # -- errors ---------------------------------------------------------------------------
 
 FILE_ERRORS = [
