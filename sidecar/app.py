@@ -17,6 +17,7 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_PATH_SHOWN = 200
 
 READY_DETAIL = {
+    "starting": "starting up",
     "ok": "accepting events and delivering them",
     "no_api_key": "accepting and spooling events; forwarding waits for a PrecogX API key",
     "upstream_failing": "accepting events; PrecogX is failing, deliveries are being retried",

@@ -213,8 +213,10 @@ async def test_other_4xx_is_dead_lettered_with_status_and_body(
 
 
 async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
-    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
+    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar")
     fake.api_keys = {"px_rotated_key"}
     sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
     ids = await post_events(sidecar, 5)
@@ -233,6 +235,13 @@ async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
     assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 0
     assert (await sidecar.get("/readyz"))[0] == 200
     assert dead_letters(sidecar) == []
+    # One line per change, each true: no "upstream failing" between the new key and
+    # the probe's answer (the upstream never failed).
+    states = [r.getMessage().split(":")[0] for r in caplog.records
+              if r.name == "sidecar.forwarder" and r.levelno >= logging.INFO]
+    assert states[0] == "forwarding to http"  # at start-up, too
+    assert states[1:] == [
+        "PrecogX rejected the API key (HTTP 401", "upstream recovered; forwarding to http"]
 
 
 async def test_a_401_for_the_key_replaced_meanwhile_sends_again_with_the_new_one(

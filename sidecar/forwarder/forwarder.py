@@ -57,8 +57,9 @@ class Forwarder:
         burst = upstream.burst or max(int(upstream.requests_per_minute), 1)
         self.bucket = TokenBucket(upstream.requests_per_minute, burst)
         self.batch_events = upstream.batch_max_events if upstream.mode == "batch" else 1
-        self.state = "ok"
+        self.state = "starting"  # so that start() logs where it forwards to
         self.auth_rejected = False
+        self._rejected_key = ""
         self._key_ready = asyncio.Event()
         self._slots = asyncio.Semaphore(upstream.concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -79,7 +80,6 @@ class Forwarder:
 
     def set_api_key(self, key: str) -> None:
         """A new key (start-up or SIGHUP): a paused forwarder probes with it at once."""
-        changed = key != self.client.api_key
         self.client.api_key = key
         if key:
             self._key_ready.set()
@@ -87,10 +87,8 @@ class Forwarder:
             self._key_ready.clear()
         if self.auth_rejected:
             # Probe at once, even with the same key: its permissions may have been fixed
-            # upstream. A new key has not been rejected (yet).
+            # upstream. The state stays until the probe's answer says what it is.
             self.circuit.cut_short()
-            if changed:
-                self._auth_accepted()
         self._refresh_state()
 
     async def stop(self, grace_s: float) -> None:
@@ -286,6 +284,8 @@ class Forwarder:
             self._auth_failed()
         else:
             assert isinstance(decision, Retry)
+            if self.client.api_key != self._rejected_key:
+                self._auth_accepted()  # a new key met an outage, not a rejection
         self.circuit.record_failure(delay)
         self._refresh_state(outcome)
         await self.spool.reschedule(part, time.time() + delay, outcome.status, _describe(outcome))
@@ -336,6 +336,7 @@ class Forwarder:
     # -- state -----------------------------------------------------------------
 
     def _auth_failed(self) -> None:
+        self._rejected_key = self.client.api_key
         if not self.auth_rejected:
             self.auth_rejected = True
             self.metrics.upstream_auth_failed.set(1)
@@ -363,7 +364,8 @@ class Forwarder:
         elif state == "no_api_key":
             log.warning(
                 "no PrecogX API key (env PRECOGX_API_KEY or upstream.api_key_file): "
-                "events are accepted and spooled; forwarding waits for a key (then send SIGHUP)"
+                "events are accepted and spooled; forwarding waits for a key (write it to "
+                "upstream.api_key_file and send SIGHUP, or restart with PRECOGX_API_KEY)"
             )
         elif state == "auth_rejected":
             log.error(
