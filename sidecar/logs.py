@@ -32,8 +32,8 @@ def scrub(text: str) -> str:
 def _without_request_bytes(record: logging.LogRecord) -> bool:
     """aiohttp logs a malformed request with the bytes it could not parse, a header line
     or a chunk of the body, and a body it could not decode (drained after our 400) with a
-    traceback: keep the kind of error, drop the rest. A client that went away (while
-    aiohttp answered "100 Continue", say) is no fault here: one line too."""
+    traceback: keep the kind of error, drop the rest, at level warning. A client that went
+    away (while aiohttp answered "100 Continue", say) is no fault here: one line too."""
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError | RequestPayloadError):
         status = f" (HTTP {error.code})" if isinstance(error, HttpProcessingError) else ""
@@ -46,6 +46,8 @@ def _without_request_bytes(record: logging.LogRecord) -> bool:
     record.args = None
     record.exc_info = None
     record.exc_text = None
+    if record.levelno > logging.WARNING:  # the client's fault, no server error
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
 
 
