@@ -348,9 +348,13 @@ async def _serve(port: int, api_keys: list[str], max_batch_events: int | None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    async with FakePrecogX(api_keys, max_batch_events=max_batch_events) as fake:
+    fake = FakePrecogX(api_keys, max_batch_events=max_batch_events)
+    await fake.start(port)  # the context manager would take any free port
+    try:
         print(f"listening {fake.url}", flush=True)
         await stopping.wait()
+    finally:
+        await fake.stop()
     # Lets a benchmark check delivery without a side channel into this process.
     summary = f"{len(fake.received)} interactions in {len(fake.requests)} requests"
     print(f"stopped: {summary}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -275,14 +276,17 @@ async def test_wait_for_received_timeout_says_how_many(
 
 async def test_subprocess_mode(session: aiohttp.ClientSession) -> None:
     script = Path(__file__).with_name("fake_precogx.py")
+    with socket.socket() as s:  # a port free a moment ago: --port was once ignored
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), "--port", "0", "--api-key", "px_sub",
+        sys.executable, str(script), "--port", str(port), "--api-key", "px_sub",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
-        m = re.fullmatch(r"listening (http://127\.0\.0\.1:\d+/api/v1)\n", line)
+        m = re.fullmatch(rf"listening (http://127\.0\.0\.1:{port}/api/v1)\n", line)
         assert m, line
         status, _, _ = await post(
             session, m[1] + "/integrations/dify/telemetry", interaction(), {"x-api-key": "px_sub"}
