@@ -256,6 +256,21 @@ async def test_external_changes_are_noticed(spool: Spool, tmp_path: Path) -> Non
     assert spool.counts.pending == 2
 
 
+async def test_a_recount_lost_with_a_failed_group_is_made_again(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """A group that recounts after an outside change and then fails loses the recount;
+    the change had been marked as seen, so the counts stayed stale until the next one."""
+    await put(spool, 3, key="k")  # a keyed append: the recounting kind of group
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("DELETE FROM events WHERE id = 1")  # a CLI purge, say
+    failing = spool.append(spool.allocate_ids(1), [["not", "bytes"]], "k2")  # type: ignore[list-item]
+    with pytest.raises(SpoolUnavailable):  # the group fails binding its payload
+        await failing
+    await spool.sync_external_changes()
+    assert spool.counts.pending == 2
+
+
 async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -> None:
     # Another process holding the write lock past busy_timeout makes the commit fail.
     blocker = sqlite3.connect(tmp_path / "spool.db", timeout=0)

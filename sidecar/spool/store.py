@@ -547,6 +547,8 @@ class Spool:
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if self._recounted is not None:
+                self._data_version = -1  # the recount is lost with the group: again next time
             raise
         finally:
             self._recounted = None
