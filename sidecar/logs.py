@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -13,13 +14,28 @@ from aiohttp.web_protocol import RequestPayloadError
 
 _SECRETS: set[str] = set()
 _MASK = "********"
+# The secrets as a request body may hold them, for RedactionStage.mask_body: only those
+# made of characters JSON never escapes, and holding one no JSON number can, so that
+# replacing them in the body's text can never break the document. (Tokens made as the
+# README says, `openssl rand -hex`, and PrecogX keys all are.)
+_INERT = re.compile(r"[A-Za-z0-9._~+/=-]*[A-DF-Za-df-z_~/=][A-Za-z0-9._~+/=-]*")
+_body_secrets: tuple[bytes, ...] = ()
 
 
 def register_secret(value: str) -> None:
-    """Never print ``value``: any log line containing it shows a mask instead."""
+    """Never print ``value``: any log line containing it shows a mask instead; and never
+    store it: a request body holding it has it masked (see body_secrets)."""
+    global _body_secrets
     # Very short values would mask innocent text and are not real secrets anyway.
     if len(value) >= 4:
         _SECRETS.add(value)
+    if len(value) >= 8 and _INERT.fullmatch(value):
+        # Longest first: one secret holding another is masked whole.
+        _body_secrets = tuple(sorted({*_body_secrets, value.encode()}, key=len, reverse=True))
+
+
+def body_secrets() -> tuple[bytes, ...]:
+    return _body_secrets
 
 
 def scrub(text: str) -> str:

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from sidecar import config as sidecar_config
+from sidecar import logs
 from sidecar.config import Config
 from sidecar.server import Server
 from tests.fake_precogx import FakePrecogX
@@ -134,6 +135,14 @@ class Sidecar:
 
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture(autouse=True)
+def _no_secrets_from_other_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry of the sidecar's own secrets is process-wide: what one test's sidecar
+    registered would otherwise be masked in the next test's events and logs."""
+    monkeypatch.setattr(logs, "_SECRETS", set())
+    monkeypatch.setattr(logs, "_body_secrets", ())
 
 
 @pytest.fixture

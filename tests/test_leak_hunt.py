@@ -394,3 +394,49 @@ async def test_malformed_request_bytes_stay_out_of_the_log(
     assert proc.returncode == 0
     assert b"Error handling request" in log
     assert OPENAI.encode() not in log
+
+
+async def test_the_sidecars_own_secrets_in_an_event_never_reach_disk_or_upstream(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user pasting the ingest token (or the API key) into a chat: the built-in
+    credential rule knows only their formats, and these were stored and forwarded."""
+    monkeypatch.setenv("PRECOGX_SIDECAR_REDACTION_HMAC_KEY", HMAC_KEY)
+    sidecar = await start_sidecar(
+        server={"ingest_token": INGEST_TOKEN}, dify={"extension_token": EXT_TOKEN},
+        redaction={"mask_secrets": False,  # not needed for these: always masked
+                   "rules": [{"name": "user", "path": "userId", "action": "hash"}]},
+    )
+    own = (INGEST_TOKEN, EXT_TOKEN, HMAC_KEY, TEST_KEY)
+    prompt = f"my token is {INGEST_TOKEN}, ext={EXT_TOKEN}; key:{HMAC_KEY} and {TEST_KEY}!"
+    status, _ = await sidecar.post(SINGLE, data=orjson.dumps(event(prompt=prompt)),
+                                   headers={"x-api-key": INGEST_TOKEN, **JSON})
+    assert status == 202
+    dify = {"Authorization": f"Bearer {EXT_TOKEN}", **JSON}
+    for point, params in (("app.moderation.input", {"app_id": "a", "query": prompt}),
+                          ("app.moderation.output", {"app_id": "a", "text": prompt})):
+        status, _ = await sidecar.post(
+            DIFY, data=orjson.dumps({"point": point, "params": params}), headers=dify)
+        assert status == 200
+    await sidecar.server.dify.stop()  # records the open conversation now
+    await fake.wait_for_received(2)
+    stored = spool_bytes(sidecar)
+    for secret in own:
+        assert secret.encode() not in stored
+        assert all(secret not in orjson.dumps(r).decode() for r in fake.received)
+    assert fake.received[0]["prompt"] == (
+        "my token is [REDACTED:sidecar_secret], ext=[REDACTED:sidecar_secret]; "
+        "key:[REDACTED:sidecar_secret] and [REDACTED:sidecar_secret]!")
+
+
+async def test_an_idempotency_key_is_kept_only_as_a_digest(
+    start_sidecar: StartSidecar,
+) -> None:
+    """The key is the client's to choose: one holding a credential sat in the spool for
+    a day as sent."""
+    sidecar = await start_sidecar(upstream={"api_key_file": ""})
+    headers = {"Idempotency-Key": f"run-{OPENAI}", **JSON}
+    first = await sidecar.post(SINGLE, data=orjson.dumps(event()), headers=headers)
+    assert first[0] == 202
+    assert await sidecar.post(SINGLE, data=orjson.dumps(event()), headers=headers) == first
+    assert OPENAI.encode() not in spool_bytes(sidecar)

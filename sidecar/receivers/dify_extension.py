@@ -44,7 +44,7 @@ from sidecar.receivers.common import (
 )
 from sidecar.receivers.validation import Rejection
 from sidecar.redaction.redactor import Hit
-from sidecar.redaction.stage import RedactionStage
+from sidecar.redaction.stage import RedactionStage, without_own_secrets
 from sidecar.spool import Spool
 
 log = logging.getLogger("sidecar.dify")
@@ -173,7 +173,8 @@ class DifyExtension:
             self.metrics.events_rejected.labels("unauthorized").inc()
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         try:
-            return json_response(200, await self._answer(await read_body(request)))
+            body = without_own_secrets(await read_body(request))
+            return json_response(200, await self._answer(body))
         except web.HTTPRequestEntityTooLarge:
             self.metrics.events_rejected.labels("too_large").inc()
             return _error(413, f"body is larger than server.max_body_bytes = "

@@ -208,12 +208,18 @@ def _idempotency_key(request: web.Request) -> str | None:
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
             "invalid_idempotency_key",
         )
-    return key
+    # Kept by a digest: a key is the client's to choose, and one holding a credential
+    # (or the ingest token) must not sit in the spool for idempotency_ttl_s.
+    return None if key is None else _digest(key.encode())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _fingerprint(body: bytes) -> str:
     """Of the body as parsed (credentials masked): a repeat sends the same bytes."""
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
+    return _digest(body)
 
 
 def _too_large(length: int | None, limit: int) -> Rejection:

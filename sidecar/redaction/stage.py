@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import Config, ConfigError
-from sidecar.logs import register_secret
+from sidecar.logs import body_secrets, register_secret
 from sidecar.metrics import Metrics, Tally
 from sidecar.redaction.detectors import SECRET_DETECTORS, Found, Text, scanner
 from sidecar.redaction.raw_json import PLAIN_DETECTORS, mask_in_json
@@ -160,6 +160,10 @@ class RedactionStage:
         return [*(self.secrets.describe() if self.secrets else ()), *self.rules.describe()]
 
     def mask_body(self, body: bytes) -> tuple[bytes, Detectors | None]:
+        """The body without the sidecar's own secrets, then as ``_mask_credentials``."""
+        return self._mask_credentials(without_own_secrets(body))
+
+    def _mask_credentials(self, body: bytes) -> tuple[bytes, Detectors | None]:
         """The request body to parse, with the credentials in it masked where that can be
         done in its text (see raw_json), and the credential detectors still to run on each
         of its events: decided once for all of them, or None to decide per event.
@@ -231,6 +235,18 @@ class RedactionStage:
         hits = await asyncio.to_thread(apply_all)
         self.count(hits)
         return hits
+
+
+OWN_SECRET_MASK = b"[REDACTED:sidecar_secret]"
+
+
+def without_own_secrets(body: bytes) -> bytes:
+    """``body`` with the sidecar's API key, tokens and HMAC key masked, whatever the
+    configuration: a user pasting the ingest token into a chat must not put it on disk."""
+    for secret in body_secrets():
+        if body.find(secret) != -1:  # find, not in: see _TRIGGERS
+            body = body.replace(secret, OWN_SECRET_MASK)
+    return body
 
 
 def _possible_secrets_of(event: dict[str, Any]) -> Detectors:
