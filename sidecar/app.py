@@ -33,7 +33,9 @@ def readiness(receiver: IngestReceiver, spool: Spool, forwarder: Forwarder) -> s
         return "shutting_down"
     if spool.write_error:
         return "spool_unwritable"
-    if spool.config.when_full == "reject" and spool.is_full():
+    # Under drop_oldest a full spool still takes events, while it has pending ones to
+    # evict: those in flight are not.
+    if spool.is_full() and (spool.config.when_full == "reject" or spool.unclaimed <= 0):
         return "spool_full"
     return forwarder.state
 

@@ -261,6 +261,9 @@ async def test_a_401_for_the_key_replaced_meanwhile_sends_again_with_the_new_one
     await asyncio.wait_for(drained(sidecar), 10)
     assert sorted(received_ids(fake)) == ids
     assert not sidecar.server.forwarder.auth_rejected
+    # Still a failed request, counted as every other.
+    assert await metric(
+        sidecar, 'precogx_sidecar_delivery_failures_total{reason="http_4xx"}') == 1
 
 
 async def test_sighup_probes_at_once_and_the_state_follows_the_new_answer(

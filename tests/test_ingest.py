@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
+from tests.fake_precogx import FakePrecogX, Hold
 
 SINGLE = "/api/v1/integrations/dify/telemetry"
 INGEST = "/api/v1/telemetry/ingest"
@@ -291,6 +292,23 @@ async def test_a_request_larger_than_the_whole_spool_gets_413_not_503(
     assert stored_rows(sidecar) == []
     assert (await sidecar.get("/readyz"))[1]["status"] == "no_api_key"  # not spool_full
     assert (await sidecar.post(BATCH, {"interactions": [EXAMPLE_EVENT] * 3}))[0] == 202
+
+
+async def test_drop_oldest_with_nothing_to_evict_is_not_ready(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """Every pending event on its way, none can be evicted: ingest answers 503, and
+    /readyz said ok."""
+    release = asyncio.Event()
+    fake.script(Hold(release))
+    sidecar = await start_sidecar(spool={"max_events": 2, "when_full": "drop_oldest"},
+                                  upstream={"batch_max_events": 2, "linger_ms": 0})
+    assert (await sidecar.post(BATCH, {"interactions": [EXAMPLE_EVENT] * 2}))[0] == 202
+    await fake.wait_for_requests(1)  # both on their way
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 503
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (503, "spool_full")
+    release.set()
 
 
 async def test_spool_full_is_logged_once_per_change(

@@ -271,6 +271,18 @@ async def test_a_recount_lost_with_a_failed_group_is_made_again(
     assert spool.counts.pending == 2
 
 
+async def test_dead_letter_says_how_many_were_still_there(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """drop_oldest may evict a batch's events while it is on its way: they were counted
+    as dropped then, and must not be counted as dead-lettered too."""
+    await put(spool, 2)
+    batch = await spool.claim(10, 1 << 20)
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("DELETE FROM events WHERE id = ?", (batch[0].id,))  # evicted meanwhile
+    assert await spool.dead_letter(batch, "rejected", 400, "HTTP 400") == 1
+
+
 async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -> None:
     # Another process holding the write lock past busy_timeout makes the commit fail.
     blocker = sqlite3.connect(tmp_path / "spool.db", timeout=0)

@@ -226,7 +226,9 @@ class Forwarder:
                             outcome, self.circuit.failures + 1, len(part), self.policy
                         )
                         if isinstance(decision, PauseAuth) and sent_with != self.client.api_key:
-                            continue  # the old key's answer: SIGHUP brought a new one meanwhile
+                            # The old key's answer: SIGHUP brought a new one meanwhile.
+                            self._count_failure(outcome)
+                            continue
                         done = await self._apply(decision, outcome, part, ticket)
                 if isinstance(decision, Split):
                     mid = len(part) // 2
@@ -277,8 +279,7 @@ class Forwarder:
         if isinstance(decision, DeadLetter):
             await self._dead_letter(part, decision.reason, outcome, ticket)
             return True
-        self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
-        self.metrics.retries.inc()
+        self._count_failure(outcome)
         delay = decision.delay_s
         if isinstance(decision, PauseAuth):
             self._auth_failed()
@@ -290,6 +291,11 @@ class Forwarder:
         self._refresh_state(outcome)
         await self.spool.reschedule(part, time.time() + delay, outcome.status, _describe(outcome))
         return False
+
+    def _count_failure(self, outcome: Outcome) -> None:
+        """A failed request whose events are sent again."""
+        self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
+        self.metrics.retries.inc()
 
     def _delivered(self, part: Sequence[StoredEvent], ticket: int) -> None:
         now = time.time()
@@ -312,13 +318,14 @@ class Forwarder:
     async def _dead_letter(
         self, part: list[StoredEvent], reason: str, outcome: Outcome, ticket: int
     ) -> None:
-        await self.spool.dead_letter(part, reason, outcome.status, _describe(outcome))
-        self.metrics.events_dead_lettered.labels(reason).inc(len(part))
+        # Only what was still in the file: drop_oldest counted the rest as dropped.
+        kept = await self.spool.dead_letter(part, reason, outcome.status, _describe(outcome))
+        self.metrics.events_dead_lettered.labels(reason).inc(kept)
         if outcome.status is not None and outcome.status >= 400:
             self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
         log.warning(
             "dead-lettered %d events (%s, upstream %s): see `precogx-sidecar dead-letters list`",
-            len(part), reason, outcome.status,
+            kept, reason, outcome.status,
         )
         # A dead letter is a verdict on the events, not a sign the upstream is down.
         self._upstream_answered(ticket)
@@ -328,9 +335,9 @@ class Forwarder:
         expired = [e for e in part if e.received_at < cutoff]
         if not expired:
             return part
-        await self.spool.dead_letter(expired, "expired", None, "older than retry.max_age_s")
-        self.metrics.events_dead_lettered.labels("expired").inc(len(expired))
-        log.warning("dead-lettered %d events older than retry.max_age_s", len(expired))
+        kept = await self.spool.dead_letter(expired, "expired", None, "older than retry.max_age_s")
+        self.metrics.events_dead_lettered.labels("expired").inc(kept)
+        log.warning("dead-lettered %d events older than retry.max_age_s", kept)
         return [e for e in part if e.received_at >= cutoff]
 
     # -- state -----------------------------------------------------------------

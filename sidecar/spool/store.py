@@ -339,8 +339,9 @@ class Spool:
 
     async def dead_letter(
         self, events: Sequence[StoredEvent], reason: str, status: int | None, error: str
-    ) -> None:
-        """Keep the events, with why they could not be delivered, for list and replay."""
+    ) -> int:
+        """Keep the events, with why they could not be delivered, for list and replay. How
+        many were still in the file (drop_oldest may have evicted some meanwhile)."""
         now = time.time()
         ids = [e.id for e in events]
         dead_before = self.counts.dead
@@ -369,7 +370,8 @@ class Spool:
                     "dead letters over spool.max_dead_events: pruned the %d oldest", pruned[0]
                 )
 
-        await self._submit(run, after)
+        present, _ = await self._submit(run, after)
+        return len(present)
 
     def _prune_dead(self, db: Db, dead: int) -> tuple[int, int]:
         excess = dead - self.config.max_dead_events
