@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import http.client
 import logging
@@ -243,16 +244,23 @@ def _redact(args: argparse.Namespace) -> int:
         interactions_of_batch,
         validate_interaction,
     )
-    from sidecar.redaction.stage import build_stages
+    from sidecar.redaction.stage import build_stages, without_own_secrets
 
     try:
-        stage, _ = build_stages(_load(args))
+        cfg = _load(args)
+        stage, _ = build_stages(cfg)
     except ConfigError as e:
         return _fail(f"config error: {e}")
+    # Masked in every body, as the running sidecar does. A key file not readable here
+    # (rules tried on another machine) is no reason to refuse.
+    logs.register_secret(cfg.server.ingest_token)
+    logs.register_secret(cfg.dify.extension_token)
+    with contextlib.suppress(ConfigError):
+        logs.register_secret(config.read_api_key(cfg))
     source = "stdin" if args.event == "-" else args.event
     try:
         raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
-        doc = orjson.loads(raw)
+        doc = orjson.loads(without_own_secrets(raw))
         batch = isinstance(doc, dict) and "interactions" in doc
         items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
     except OSError as e:

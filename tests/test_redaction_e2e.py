@@ -195,6 +195,18 @@ async def test_redact_command_shows_the_stored_event_and_the_hits(tmp_path: Path
     assert HMAC_KEY not in out + err
 
 
+async def test_redact_command_masks_the_sidecars_own_secrets_as_the_sidecar_does(
+    tmp_path: Path,
+) -> None:
+    token = "ingest-token-for-redact-0123456789"
+    config = write_config(tmp_path, {"server": {"ingest_token": token}})
+    event = {"agentId": "a", "prompt": f"the token is {token}", "response": "r"}
+    code, out, err = await run_cli(tmp_path, "redact", "--config", str(config),
+                                   stdin=orjson.dumps(event))
+    assert code == 0, err
+    assert orjson.loads(out)["prompt"] == "the token is [REDACTED:sidecar_secret]"
+
+
 async def test_redact_command_reads_a_file_and_refuses_bad_events(tmp_path: Path) -> None:
     event = tmp_path / "event.json"
     event.write_bytes(orjson.dumps({"agentId": "a", "prompt": "p"}))
