@@ -189,6 +189,12 @@ NEGATIVES = [
 # read by the regex, octets checked by one regex, colons paired before the seed regex,
 # the lead of a token compared before the regex).
 MORE_POSITIVES = [
+    # URL-encoded text: the escape before a credential is no word it is glued to.
+    ("openai_key", "cb?state=1&token%3Dsk-" + "a1" * 24, ["sk-" + "a1" * 24]),
+    ("jwt", f"GET /x?auth=Bearer%20{JWT}", [JWT]),
+    ("aws_access_key", "id%3DAKIAIOSFODNN7EXAMPLE%26x", ["AKIAIOSFODNN7EXAMPLE"]),
+    ("credit_card", "card%3A4111%201111", []),  # split by escapes: not one number
+    ("credit_card", "card%3A4111111111111111", ["4111111111111111"]),
     ("email", "éjane@example.com", ["éjane@example.com"]),
     ("email", "a\u00a0jane@example.com", ["jane@example.com"]),
     ("email", "(jane@example.com)", ["jane@example.com"]),

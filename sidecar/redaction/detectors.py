@@ -36,6 +36,7 @@ _DIGIT = ord("0")
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
 _ALNUM = frozenset(string.ascii_letters + string.digits)
 _ANY_DIGIT = re.compile("[0-9]")
+_HEX_DIGITS = frozenset(string.hexdigits)
 
 
 class Text:
@@ -178,8 +179,14 @@ def _in_shape(needle: bytes, pattern: bytes, check: ShapeCheck) -> Finder:
 
 
 def _after_escape(text: str, start: int) -> bool:
-    """``\\n4111...``: in text holding escaped JSON the letter before belongs to the escape."""
-    return start >= 2 and text[start - 2] == "\\" and text[start - 1] in "ntrbf"
+    """``\\n4111...`` in text holding escaped JSON, ``%3Dsk-...`` or ``Bearer%20eyJ...`` in
+    a URL-encoded one: the characters before belong to the escape, not to a word."""
+    if start >= 2 and text[start - 2] == "\\" and text[start - 1] in "ntrbf":
+        return True
+    return (
+        start >= 3 and text[start - 3] == "%"
+        and text[start - 2] in _HEX_DIGITS and text[start - 1] in _HEX_DIGITS
+    )
 
 
 def _glued_to_token(text: str, start: int) -> bool:
