@@ -7,6 +7,7 @@ import hashlib
 import hmac
 from typing import Any
 
+import orjson
 import pytest
 
 from sidecar.redaction import (
@@ -189,6 +190,10 @@ NEGATIVES = [
 # read by the regex, octets checked by one regex, colons paired before the seed regex,
 # the lead of a token compared before the regex).
 MORE_POSITIVES = [
+    # The run read back over the ellipsis, and "...fe80::1" is no address.
+    ("ipv6", "...fe80::1", ["fe80::1"]),
+    # The regex ran on into a card number after it, whose dashes refused the IBAN.
+    ("iban", "SE4550000000058398257466 4111-1111-1111-1111", ["SE4550000000058398257466"]),
     # URL-encoded text: the escape before a credential is no word it is glued to.
     ("openai_key", "cb?state=1&token%3Dsk-" + "a1" * 24, ["sk-" + "a1" * 24]),
     ("jwt", f"GET /x?auth=Bearer%20{JWT}", [JWT]),
@@ -927,3 +932,21 @@ def test_a_pseudonym_lookalike_is_one_only_where_a_rule_hashes() -> None:
         build_redactor(rules, KEY).redact(event)
         assert ("4111111111111111" in event["prompt"]) is kept
 
+
+
+@pytest.mark.parametrize("holder", [
+    {"output": ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAkeymaterial0", "xyz1",
+                "-----END RSA PRIVATE KEY-----"]},
+    {"head": "-----BEGIN PRIVATE KEY-----", "body": "MIIEvQIBADANkeymaterial0",
+     "tail": "-----END PRIVATE KEY----- thanks"},
+])
+def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, Any]) -> None:
+    """Only the BEGIN line was masked: the key's body, in the strings after it, stayed."""
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    e = event(toolCalls=[holder])
+    redactor.redact(e)
+    text = orjson.dumps(e).decode()
+    assert "keymaterial" not in text and "xyz1" not in text and "END" not in text
+    if "thanks" in str(holder):
+        assert "thanks" in text  # what follows the END line is no key
+    assert redactor.redact(e) == []  # and redacting again changes nothing

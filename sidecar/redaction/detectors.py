@@ -362,19 +362,17 @@ def _iban(text: str, shape: bytes, start: int, end: int) -> Span | None:
     length = _IBAN_LENGTHS.get(text[start : start + 2])
     if length is None or _glued_before(text, shape, start):
         return None
-    written = text[start:end]
-    if "-" in written or "." in written:
-        return None
-    # The regex may run on into a following group ("... 0130 00 ABCD"): cut at the
-    # country's length, which must fall at the end of a group.
-    code = written.replace(" ", "")[:length]
-    if len(code) < length:
-        return None
     # Written in groups when a space follows the first four: a space further on may only
     # be the one before the next word ("SE45 5000 ..." vs "SE4550000000058398257466 SEK").
     grouped = text[start + 4 : start + 5] == " "
+    # The regex may run on into what follows ("... 0130 00 ABCD", a card number after
+    # it): only the country's length counts, and it must end where a group does.
     cut = start + length + ((length - 1) // 4 if grouped else 0)
-    if text[start:cut].replace(" ", "") != code or (cut < len(text) and shape[cut] in _SHAPE_WORD):
+    written = text[start:cut]
+    if cut > end or "-" in written or "." in written:
+        return None
+    code = written.replace(" ", "")
+    if len(code) != length or (cut < len(text) and shape[cut] in _SHAPE_WORD):
         return None
     # Moved to the end, the country code becomes digits too; most account numbers are
     # digits already, which spares the (slow, one to two characters) translation.
@@ -454,6 +452,8 @@ def _ipv6_run(text: str, colon: int) -> Span:
         start -= 1
     if _after_escape(text, start + 1):
         start += 1  # "\b2001:db8::1": the b (a hex digit) belongs to the escape
+    while text[start] == "." and start < colon:
+        start += 1  # "...fe80::1": an address has dots only in its IPv4 tail
     tail = _V6_TAIL.match(text, colon)
     return start, tail.end() if tail else colon
 
@@ -537,13 +537,36 @@ def _alnum_token(text: str, start: int, end: int) -> Span | None:
     return None if end < len(text) and text[end] in _ALNUM else (start, end)
 
 
-def _whole(text: str, start: int, end: int) -> Span | None:
-    return start, end
-
-
 _B64URL = "[A-Za-z0-9_-]"
-_BEGIN = r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
-_END = r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+_BEGIN = re.compile(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+_END = re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+
+
+def _find_private_keys(t: Text) -> list[Span]:
+    """From a BEGIN line to the END line that follows, across the strings of the text
+    (an event holding the key's lines as items of a list, or as fields): one span per
+    string on the way, since no span crosses the NUL that joins them. Without an END
+    line (a truncated paste), the rest of BEGIN's string is key material."""
+    text = t.text
+    if "G" not in text:  # see _in_text's gate
+        return []
+    spans: list[Span] = []
+    i = text.find("-----BEGIN")
+    while i >= 0:
+        if _BEGIN.match(text, i) is None:
+            i = text.find("-----BEGIN", i + 1)
+            continue
+        end = _END.search(text, i)
+        stop = end.end() if end is not None else text.find("\0", i)
+        if stop < 0:
+            stop = len(text)
+        start = i
+        while (nul := text.find("\0", start, stop)) >= 0:
+            spans.append((start, nul))
+            start = nul + 1
+        spans.append((start, stop))
+        i = text.find("-----BEGIN", stop)
+    return spans
 
 
 # -- the catalogue ---------------------------------------------------------------------
@@ -632,7 +655,7 @@ _ALL = (
     # Without an END line (a truncated paste) everything after BEGIN is key material.
     _detector(
         "private_key",
-        _in_text("-----BEGIN", rf"{_BEGIN}(?:[^\x00]*?{_END}|[^\x00]*)", _whole, gate="G"),
+        _find_private_keys,
         secret=True,
     ),
 )
