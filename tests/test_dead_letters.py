@@ -9,7 +9,9 @@ import sqlite3
 from typing import Any
 
 import orjson
+import pytest
 
+from sidecar.server import Server, StartupError
 from tests.conftest import EXAMPLE_EVENT, ROOT, Sidecar, StartSidecar, sidecar_command
 from tests.fake_precogx import FakePrecogX, Hold
 
@@ -165,6 +167,21 @@ async def test_spool_check_reports_broken_invariants(
     assert code == 1
     assert f"dead letters without a reason or time: {dead[0]}" in out
     assert f"payloads that are not JSON objects: {dead[1]}" in out
+
+
+async def test_a_spool_whose_next_id_is_no_number_is_reported_not_a_traceback(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """`spool check` said ok, and the next start died with a ValueError traceback."""
+    sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        db.execute("UPDATE meta SET value = 'x' WHERE key = 'next_id'")
+    code, out, _ = await cli(sidecar, "spool", "check")
+    assert code == 1 and "meta next_id is not a number" in out
+    with pytest.raises(StartupError, match="next_id is not a number") as info:
+        await Server(sidecar.config).startup()
+    assert "\n" not in str(info.value)
 
 
 async def test_dead_letter_cap_prunes_oldest_and_counts(

@@ -201,6 +201,9 @@ def check(db: sqlite3.Connection) -> list[str]:
     for key in ("spool_id", "next_id"):
         if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is None:
             problems.append(f"meta table lacks {key!r}")
+    next_id = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
+    if next_id is not None and not str(next_id[0]).isdigit():
+        problems.append("meta next_id is not a number")
     for sql, meaning in INVARIANTS:
         offenders = [str(row[0]) for row in db.execute(sql)]
         if offenders:

@@ -174,9 +174,17 @@ class Spool:
         # Checkpoints are run by checkpoint(), off the commit path.
         db.execute("PRAGMA wal_autocheckpoint = 0")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        next_id = str(meta.get("next_id"))
+        if not meta.get("spool_id") or not next_id.isdigit():
+            # Hand-edited, or not written by this program: refused with the reason, as
+            # `spool check` reports it, rather than a traceback.
+            raise sqlite3.DatabaseError(
+                "the meta table lacks a spool_id, or its next_id is not a number "
+                "(see `precogx-sidecar spool check`)"
+            )
         self.spool_id = meta["spool_id"]
         max_id = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-        self._next_id = max(int(meta["next_id"]), max_id + 1)
+        self._next_id = max(int(next_id), max_id + 1)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self.counts = _count(db)
 
