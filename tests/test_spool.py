@@ -411,3 +411,22 @@ def test_the_cli_names_the_way_out_of_a_schema_it_does_not_know(
         db.execute(f"PRAGMA user_version = {version}")
     with pytest.raises(admin.AdminError, match=advice), admin.open_spool(str(path)):
         pass
+
+
+async def test_spool_stats_is_one_snapshot(spool: Spool, tmp_path: Path) -> None:
+    """The sidecar commits between the queries of `spool stats`: without one read
+    transaction, a dead letter made meanwhile was in the reasons but not the counts."""
+    await put(spool, 3)
+    path = str(tmp_path / "spool.db")
+    writer = sqlite3.connect(path, isolation_level=None)
+
+    def commit_between(statement: str) -> None:
+        if "dead_reason" in statement and "GROUP BY" in statement:
+            writer.execute("UPDATE events SET state = 'dead', dead_reason = 'rejected', "
+                           "dead_at = 1 WHERE id = 1")
+
+    with admin.open_spool(path) as db:
+        db.set_trace_callback(commit_between)
+        stats = admin.stats(db)
+    writer.close()
+    assert sum(stats["dead_by_reason"].values()) == stats["events"]["dead"]

@@ -146,7 +146,16 @@ def _in_chunks(
 
 
 def stats(db: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
-    now = time.time() if now is None else now
+    # One read transaction: on a live spool the sidecar commits between the queries,
+    # and the counts by state and by reason would disagree.
+    db.execute("BEGIN")
+    try:
+        return _stats(db, time.time() if now is None else now)
+    finally:
+        db.execute("COMMIT")
+
+
+def _stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
     counts = {"pending": 0, "dead": 0}
     size = 0
     for state, n, state_bytes in db.execute(
