@@ -155,15 +155,25 @@ async def test_spool_stats_and_check(start_sidecar: StartSidecar, fake: FakePrec
     assert (code, out.strip()) == (0, "ok")
 
 
+async def check_after(sidecar: Sidecar, *edits: tuple[str, tuple[Any, ...]]) -> tuple[int, str]:
+    """`spool check` of the stopped sidecar's spool, after the edits made by hand."""
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        for sql, params in edits:
+            db.execute(sql, params)
+    code, out, _ = await cli(sidecar, "spool", "check")
+    return code, out
+
+
 async def test_spool_check_reports_broken_invariants(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
     sidecar, dead, _ = await with_dead_letters(start_sidecar, fake)
-    await sidecar.stop()
-    with sqlite3.connect(sidecar.config.spool.path) as db:
-        db.execute("UPDATE events SET dead_reason = NULL WHERE id = ?", (dead[0],))
-        db.execute("UPDATE events SET payload = '[1]', size = 3 WHERE id = ?", (dead[1],))
-    code, out, _ = await cli(sidecar, "spool", "check")
+    code, out = await check_after(
+        sidecar,
+        ("UPDATE events SET dead_reason = NULL WHERE id = ?", (dead[0],)),
+        ("UPDATE events SET payload = '[1]', size = 3 WHERE id = ?", (dead[1],)),
+    )
     assert code == 1
     assert f"dead letters without a reason or time: {dead[0]}" in out
     assert f"payloads that are not JSON objects: {dead[1]}" in out
@@ -174,10 +184,8 @@ async def test_a_spool_whose_next_id_is_no_number_is_reported_not_a_traceback(
 ) -> None:
     """`spool check` said ok, and the next start died with a ValueError traceback."""
     sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
-    await sidecar.stop()
-    with sqlite3.connect(sidecar.config.spool.path) as db:
-        db.execute("UPDATE meta SET value = 'x' WHERE key = 'next_id'")
-    code, out, _ = await cli(sidecar, "spool", "check")
+    code, out = await check_after(sidecar, ("UPDATE meta SET value = 'x' WHERE key = ?",
+                                            ("next_id",)))
     assert code == 1 and "meta next_id is not a number" in out
     with pytest.raises(StartupError, match="next_id is not a number") as info:
         await Server(sidecar.config).startup()
