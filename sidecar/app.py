@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from sidecar.forwarder.forwarder import Forwarder
@@ -11,6 +9,7 @@ from sidecar.metrics import Metrics
 from sidecar.receivers.common import json_response
 from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
+from sidecar.receivers.validation import error_body
 from sidecar.spool import Spool
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,30 +66,27 @@ def build_app(
         web.get("/readyz", readyz),
         web.get("/metrics", metrics_page),
     ]
-    allowed: dict[str, set[str]] = {}
+    methods_of: dict[str, set[str]] = {}
     for route in routes:
         assert isinstance(route, web.RouteDef)
-        allowed.setdefault(route.path, set()).add(route.method)
+        methods_of.setdefault(route.path, set()).add(route.method)
         if route.method == "GET":
-            allowed[route.path].add("HEAD")
+            methods_of[route.path].add("HEAD")
+    allowed = {path: sorted(methods) for path, methods in methods_of.items()}
 
     async def no_route(request: web.Request) -> web.Response:
         """What aiohttp answers in plain text, in the API's error body."""
         methods = allowed.get(request.path)
         if methods is None:
             path = request.path[:MAX_PATH_SHOWN]  # echoed, but not a megabyte of it
-            return json_response(404, _error("NOT_FOUND", f"no such path: {path}", {}))
-        return json_response(405, _error(
-            "METHOD_NOT_ALLOWED", f"{request.path} takes {' or '.join(sorted(methods))}",
-            {"allowed": sorted(methods)},
-        ), {"Allow": ", ".join(sorted(methods))})
+            return json_response(404, error_body("NOT_FOUND", f"no such path: {path}", {}))
+        return json_response(405, error_body(
+            "METHOD_NOT_ALLOWED", f"{request.path} takes {' or '.join(methods)}",
+            {"allowed": methods},
+        ), {"Allow": ", ".join(methods)})
 
     # aiohttp enforces client_max_size while reading; the receiver turns it into our 413.
     app = web.Application(client_max_size=receiver.config.max_body_bytes)
     # Last: the router tries it only once every real route has failed to match.
     app.add_routes([*routes, web.route("*", "/{path:.*}", no_route)])
     return app
-
-
-def _error(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details}}

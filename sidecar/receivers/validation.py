@@ -33,7 +33,12 @@ class Rejection(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        return error_body(self.code, self.message, self.details)
+
+
+def error_body(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    """PrecogX's error body, as every refusal on its paths is answered."""
+    return {"error": {"code": code, "message": message, "details": details}}
 
 
 def _invalid(code: str, message: str, field: str, index: int | None) -> Rejection:
