@@ -461,6 +461,60 @@ async def raw_post(
     return int(head.split()[1]), orjson.loads(payload) if payload else None
 
 
+async def expecting_continue(
+    sidecar: Sidecar, headers: bytes, body: bytes, length: int | None = None,
+    expect: bytes = b"100-continue",
+) -> tuple[bytes, int, Any]:
+    """A request sent with ``Expect: 100-continue``, its body only once the sidecar says
+    continue: (the interim answer, or b"" if none, the final status, its JSON)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(
+        b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nExpect: " + expect + b"\r\n" + headers
+        + b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length)
+    )
+    # Bounded: a sidecar waiting for a body that is never sent would hang here.
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    interim = b""
+    if head.startswith(b"HTTP/1.1 100 "):
+        interim = head
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    # By its length: after a refusal aiohttp keeps reading what the client may still send
+    # for a while before it closes the connection.
+    length_line = next(line for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:"))
+    payload = await asyncio.wait_for(reader.readexactly(int(length_line.split(b":")[1])), 30)
+    writer.close()
+    return interim, int(head.split()[1]), orjson.loads(payload)
+
+
+async def test_expect_100_continue_is_refused_before_the_upload(
+    start_sidecar: StartSidecar,
+) -> None:
+    """curl sends ``Expect: 100-continue`` for bodies from 1 MiB: a request refused anyway
+    (too large, no token) got "100 Continue", uploaded its whole body, then the refusal."""
+    token = "ingest-token-0123456789"
+    sidecar = await start_sidecar(
+        server={"ingest_token": token, "max_body_bytes": 2048}, upstream={"api_key_file": ""})
+    auth = f"x-api-key: {token}\r\n".encode()
+    interim, status, answer = await expecting_continue(sidecar, auth, b"", length=10**9)
+    assert (interim, status) == (b"", 413)
+    assert answer["error"]["details"] == {"max_body_bytes": 2048}
+    interim, status, answer = await expecting_continue(sidecar, b"", b"", length=100)
+    assert (interim, status, answer["error"]["code"]) == (b"", 401, "INVALID_API_KEY")
+    interim, status, answer = await expecting_continue(
+        sidecar, auth, orjson.dumps(EXAMPLE_EVENT))
+    assert interim.startswith(b"HTTP/1.1 100 Continue") and status == 202
+    assert answer == {"accepted": 1, "ids": [1]}
+    interim, status, answer = await expecting_continue(
+        sidecar, auth, b"", length=100, expect=b"200-ok")
+    assert (interim, status, answer["error"]["code"]) == (b"", 417, "EXPECTATION_FAILED")
+    _, metrics = await sidecar.get("/metrics")
+    for reason in ("too_large", "unauthorized", "invalid_body"):
+        assert f'precogx_sidecar_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
+
+
 async def test_header_bytes_that_are_not_utf8_get_a_clear_4xx(
     start_sidecar: StartSidecar,
 ) -> None:

@@ -71,10 +71,29 @@ class IngestReceiver:
         # Bound per route: a request starts (and, after its commit, resumes) one
         # coroutine fewer than with a method per route calling _handle.
         singles = [
-            web.post(path, partial(self._handle, endpoint=endpoint, batch=False))
+            web.post(path, partial(self._handle, endpoint=endpoint, batch=False),
+                     expect_handler=self._expect)
             for path, endpoint in SINGLE_PATHS.items()
         ]
-        return [*singles, web.post(BATCH_PATH, partial(self._handle, endpoint="batch", batch=True))]
+        batch = partial(self._handle, endpoint="batch", batch=True)
+        return [*singles, web.post(BATCH_PATH, batch, expect_handler=self._expect)]
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue`` (curl sends it for bodies from 1 MiB): a request to be
+        refused anyway is answered before its body is sent, not after the upload."""
+        try:
+            self._admit(request)
+        except Rejection as r:
+            return self._rejected(r)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return self._rejected(Rejection(
+                417, "EXPECTATION_FAILED", "only Expect: 100-continue is understood",
+                "invalid_body",
+            ))
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
+        return None
 
     async def _handle(self, request: web.Request, *, endpoint: str, batch: bool) -> web.Response:
         try:
@@ -99,13 +118,16 @@ class IngestReceiver:
             except (SpoolFull, LargerThanSpool, IdempotencyKeyReused, SpoolUnavailable) as e:
                 raise self._refusal(e) from None
         except Rejection as r:
-            self.metrics.events_rejected.labels(r.reason).inc()
-            return json_response(r.status, r.body(), r.headers)
+            return self._rejected(r)
         if stored == ids:  # else a repeat, answered with the ids of the first request
             self._received[endpoint].count += len(ids)
             if self._refusing:  # these events found room (a repeat stores nothing)
                 self._spool_full(False)
         return json_response(202, {"accepted": len(stored), "ids": stored})
+
+    def _rejected(self, rejection: Rejection) -> web.Response:
+        self.metrics.events_rejected.labels(rejection.reason).inc()
+        return json_response(rejection.status, rejection.body(), rejection.headers)
 
     def _admit(self, request: web.Request) -> None:
         if not self.accepting:
