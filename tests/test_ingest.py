@@ -146,6 +146,23 @@ async def test_malformed_json_is_a_400_not_a_500(sidecar: Sidecar, raw: bytes) -
     assert answer["error"]["code"] == "INVALID_JSON"
 
 
+async def test_numbers_are_kept_as_javascript_reads_them(sidecar: Sidecar) -> None:
+    """As README says: an integer beyond 64 bits is stored as a double, and one beyond a
+    double's range is refused with a 400 that names the problem (not stored as null)."""
+    raw = b'{"agentId": "a", "prompt": "p", "response": "r", "metadata": {"n": %s}}'
+    status, answer = await sidecar.post(
+        SINGLE, data=raw % b"123456789012345678901234567890",
+        headers={"Content-Type": "application/json"})
+    assert status == 202
+    (_, _, payload), = stored_rows(sidecar)
+    assert orjson.loads(payload)["metadata"]["n"] == 1.2345678901234568e29
+    status, answer = await sidecar.post(
+        SINGLE, data=raw % b"1e400", headers={"Content-Type": "application/json"})
+    assert status == 400 and answer["error"]["code"] == "INVALID_JSON"
+    assert "infinity" in answer["error"]["message"]
+    assert len(stored_rows(sidecar)) == 1
+
+
 @pytest.mark.parametrize(
     "content_type", ["application/x-www-form-urlencoded", "multipart/form-data", "text/html"]
 )
