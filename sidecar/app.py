@@ -73,13 +73,17 @@ def build_app(
         if route.method == "GET":
             methods_of[route.path].add("HEAD")
     allowed = {path: sorted(methods) for path, methods in methods_of.items()}
+    paths = sorted(allowed)
 
     async def no_route(request: web.Request) -> web.Response:
         """What aiohttp answers in plain text, in the API's error body."""
         methods = allowed.get(request.path)
         if methods is None:
             path = request.path[:MAX_PATH_SHOWN]  # echoed, but not a megabyte of it
-            return json_response(404, error_body("NOT_FOUND", f"no such path: {path}", {}))
+            # The paths answered: a client on a path PrecogX has and the sidecar not
+            # (/integrations/n8n/telemetry) or with /api/v1 missing sees where to go.
+            return json_response(404, error_body(
+                "NOT_FOUND", f"no such path: {path}", {"paths": paths}))
         return json_response(405, error_body(
             "METHOD_NOT_ALLOWED", f"{request.path} takes {' or '.join(methods)}",
             {"allowed": methods},

@@ -444,7 +444,10 @@ async def test_unknown_path_and_method_get_json_errors(sidecar: Sidecar) -> None
                 assert response.status == 404
                 body = await response.json()
                 assert body["error"] == {
-                    "code": "NOT_FOUND", "message": f"no such path: {shown}", "details": {}}
+                    "code": "NOT_FOUND", "message": f"no such path: {shown}",
+                    "details": {"paths": [
+                        "/api/v1/integrations/dify/telemetry", BATCH, INGEST,
+                        "/dify/extension", "/healthz", "/metrics", "/readyz"]}}
     status, _ = await sidecar.post(SINGLE, EXAMPLE_EVENT)
     assert status == 202  # the catch-all takes nothing from the real routes
 
