@@ -25,8 +25,9 @@ from sidecar.receivers.common import (
     spool_interactions,
     token_matches,
 )
+from sidecar.receivers.form import FORM_TYPE, interaction_of_form
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
-from sidecar.redaction.stage import RedactionStage
+from sidecar.redaction.stage import RedactionStage, without_own_secrets
 from sidecar.spool import (
     IdempotencyKeyReused,
     LargerThanSpool,
@@ -72,17 +73,18 @@ class IngestReceiver:
         # coroutine fewer than with a method per route calling _handle.
         singles = [
             web.post(path, partial(self._handle, endpoint=endpoint, batch=False),
-                     expect_handler=self._expect)
+                     expect_handler=partial(self._expect, batch=False))
             for path, endpoint in SINGLE_PATHS.items()
         ]
         batch = partial(self._handle, endpoint="batch", batch=True)
-        return [*singles, web.post(BATCH_PATH, batch, expect_handler=self._expect)]
+        return [*singles,
+                web.post(BATCH_PATH, batch, expect_handler=partial(self._expect, batch=True))]
 
-    async def _expect(self, request: web.Request) -> web.Response | None:
+    async def _expect(self, request: web.Request, *, batch: bool) -> web.Response | None:
         """``Expect: 100-continue`` (curl sends it for bodies from 1 MiB): a request to be
         refused anyway is answered before its body is sent, not after the upload."""
         try:
-            self._admit(request)
+            self._admit(request, batch)
         except Rejection as r:
             return self._rejected(r)
         if request.headers.get("Expect", "").lower() != "100-continue":
@@ -97,12 +99,17 @@ class IngestReceiver:
 
     async def _handle(self, request: web.Request, *, endpoint: str, batch: bool) -> web.Response:
         try:
-            self._admit(request)
-            # Credentials are masked before anything else reads the body.
-            body, secrets = self.redact.mask_body(await self._read(request))
+            form = self._admit(request, batch)
+            # Credentials are masked before anything else reads the body (in a form, once
+            # it is parsed: the masking in the body reads it as JSON).
+            raw = await self._read(request)
+            body, secrets = (without_own_secrets(raw), None) if form else self.redact.mask_body(raw)
             key = _idempotency_key(request)
-            doc = _parse(body)
-            items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
+            if form:
+                items = [interaction_of_form(body)]
+            else:
+                doc = _parse(body)
+                items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
             redacted = len(body) >= OFF_LOOP_BYTES and self.redact.applies(secrets)
             if redacted:
                 await self.redact.off_the_loop(items, secrets)
@@ -129,7 +136,8 @@ class IngestReceiver:
         self.metrics.events_rejected.labels(rejection.reason).inc()
         return json_response(rejection.status, rejection.body(), rejection.headers)
 
-    def _admit(self, request: web.Request) -> None:
+    def _admit(self, request: web.Request, batch: bool) -> bool:
+        """Refuse what can be refused before the body is read; whether it is a form."""
         if not self.accepting:
             raise Rejection(
                 503, "SHUTTING_DOWN", "the sidecar is shutting down; retry shortly",
@@ -144,20 +152,16 @@ class IngestReceiver:
         # The raw header, not request.content_type: its full parse is measurable per
         # request. Most clients send exactly "application/json": no need to normalise that.
         content_type = request.headers.get(CONTENT_TYPE, "")
+        form = False
         if content_type not in JSON_TYPES:
             content_type = content_type.partition(";")[0].strip().lower()
-        if content_type not in JSON_TYPES:
-            raise Rejection(
-                415, "UNSUPPORTED_MEDIA_TYPE",
-                f"Content-Type must be application/json (or text/plain holding JSON), "
-                # Escaped: a header byte that is not UTF-8 arrives as a lone surrogate,
-                # which JSON cannot carry.
-                f"got {content_type.encode('ascii', 'backslashreplace').decode() or 'none'}",
-                "unsupported_media_type",
-            )
+            form = content_type == FORM_TYPE and not batch
+            if not form and content_type not in JSON_TYPES:
+                raise _unsupported(content_type, batch)
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             raise _too_large(length, self.config.max_body_bytes)
+        return form
 
     async def _read(self, request: web.Request) -> bytes:
         try:
@@ -242,6 +246,18 @@ def _digest(data: bytes) -> str:
 def _fingerprint(body: bytes) -> str:
     """Of the body as parsed (credentials masked): a repeat sends the same bytes."""
     return _digest(body)
+
+
+def _unsupported(content_type: str, batch: bool) -> Rejection:
+    form = "" if batch else f"; {FORM_TYPE} for form fields"
+    return Rejection(
+        415, "UNSUPPORTED_MEDIA_TYPE",
+        f"Content-Type must be application/json (or text/plain holding JSON{form}), "
+        # Escaped: a header byte that is not UTF-8 arrives as a lone surrogate, which
+        # JSON cannot carry.
+        f"got {content_type.encode('ascii', 'backslashreplace').decode() or 'none'}",
+        "unsupported_media_type",
+    )
 
 
 def _too_large(length: int | None, limit: int) -> Rejection:
