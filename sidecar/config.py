@@ -110,7 +110,7 @@ class RetryConfig:
 @dataclass
 class DifyConfig:
     extension_token: str = _opt("", secret=True, doc="API-based Extension key (empty: off)")
-    pair_idle_s: float = _opt(5.0, gt=0, doc="output idle time before a pair is recorded")
+    pair_idle_s: float = _opt(60.0, gt=0, doc="output idle time before a pair is recorded")
     input_wait_s: float = _opt(120.0, gt=0, doc="how long an input waits for its output")
     max_open: int = _opt(10_000, ge=1, doc="unfinished conversations held in memory")
 

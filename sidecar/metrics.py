@@ -36,7 +36,7 @@ REJECT_REASONS = (
 DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
 DROP_REASONS = (
     "spool_full", "dead_letter_pruned", "dify_pairing_full", "dify_spool_refused",
-    "dify_shutting_down",
+    "dify_shutting_down", "dify_too_large",
 )
 
 

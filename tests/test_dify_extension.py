@@ -97,6 +97,19 @@ async def test_two_answers_in_one_app_pair_in_order(sidecar: Sidecar, fake: Fake
     assert pairs == {("first", "one more"), ("second", "two")}
 
 
+async def test_an_empty_answer_takes_no_later_answers(
+    sidecar: Sidecar, fake: FakePrecogX
+) -> None:
+    """Every text starts with "": an empty answer held as a stream took the next chat's
+    answer, and every pairing after it was shifted by one."""
+    for query, answer in (("q1", ""), ("q2", "Answer to q2"), ("q3", "Answer to q3")):
+        await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": query})
+        await call(sidecar, "app.moderation.output", {"app_id": "a", "text": answer})
+    await fake.wait_for_received(3)
+    pairs = {(r["prompt"], r["response"]) for r in fake.received}
+    assert pairs == {("q1", ""), ("q2", "Answer to q2"), ("q3", "Answer to q3")}
+
+
 async def test_input_without_output_is_recorded_alone(
     sidecar: Sidecar, fake: FakePrecogX
 ) -> None:
@@ -353,13 +366,19 @@ async def test_calls_after_the_extension_stopped_are_answered_and_counted(
         == ["shutting down: Dify extension calls are answered but no longer recorded (counted)"]
 
 
-async def test_an_oversize_call_gets_a_json_413(sidecar: Sidecar) -> None:
-    """It was aiohttp's plain-text page, and not counted."""
-    big = orjson.dumps({"point": "app.moderation.input", "params": {
-        "app_id": "a", "inputs": {}, "query": "x" * (sidecar.config.server.max_body_bytes + 1)}})
+@pytest.mark.parametrize("point", ["app.moderation.input", "app.moderation.output",
+                                   "app.external_data_tool.query"])
+async def test_an_oversize_call_passes_and_is_counted(
+    sidecar: Sidecar, point: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dify fails the user's chat on any answer but a 200 (a 413 here failed every chat
+    with a document over server.max_body_bytes): it passes, unrecorded but counted."""
+    text = "x" * (sidecar.config.server.max_body_bytes + 1)
+    big = orjson.dumps({"point": point, "params": {
+        "app_id": "a", "inputs": {}, "query": text, "text": text, "tool_variable": "v"}})
     status, body = await sidecar.post(PATH, data=big, headers=DIFY_HEADERS)
-    assert status == 413
-    assert body == {"error": "body is larger than server.max_body_bytes = "
-                             f"{sidecar.config.server.max_body_bytes}"}
+    # What Dify reads for each point: flagged (moderation), result (external data tool).
+    assert (status, body["flagged"], body["result"]) == (200, False, "")
     _, metrics = await sidecar.get("/metrics")
-    assert 'precogx_sidecar_events_rejected_total{reason="too_large"} 1.0' in metrics
+    assert 'precogx_sidecar_events_dropped_total{reason="dify_too_large"} 1.0' in metrics
+    assert any("larger than server.max_body_bytes" in r.getMessage() for r in caplog.records)

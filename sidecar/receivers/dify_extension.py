@@ -52,6 +52,9 @@ log = logging.getLogger("sidecar.dify")
 PATH = "/dify/extension"
 SWEEP_EVERY_S = 1.0
 NOT_FLAGGED = {"flagged": False, "action": "direct_output", "preset_response": ""}
+# For a call whose point is unknown because its body was not read: passes every point
+# (Dify ignores the fields its point does not have).
+PASS_ANY = {**NOT_FLAGGED, "result": ""}
 
 
 class BadCall(Exception):
@@ -89,15 +92,26 @@ class Pairing:
         self.config = config
         self.waiting: dict[str, deque[Conversation]] = {}
         self.streaming: dict[str, list[Conversation]] = {}
+        self.answered: list[Conversation] = []  # done already, to be recorded
 
     @property
     def open(self) -> int:
-        return sum(map(len, self.waiting.values())) + sum(map(len, self.streaming.values()))
+        return (sum(map(len, self.waiting.values())) + sum(map(len, self.streaming.values()))
+                + len(self.answered))
 
     def add_input(self, app_id: str, query: str, inputs: dict[str, Any]) -> None:
         self.waiting.setdefault(app_id, deque()).append(Conversation(app_id, query, inputs))
 
     def add_output(self, app_id: str, text: str) -> None:
+        if not text:
+            # An empty answer: every text starts with it, so as a stream it would take
+            # the answers of the app's next chats. Done as it comes, with its input.
+            waiting = self.waiting.get(app_id)
+            if waiting:
+                conversation = waiting.popleft()
+                conversation.text = ""
+                self.answered.append(conversation)
+            return
         streams = self.streaming.setdefault(app_id, [])
         for stream in streams:
             assert stream.text is not None
@@ -115,7 +129,7 @@ class Pairing:
     def finished(self, now: float | None = None) -> list[Conversation]:
         """Remove and return what is done: idle streams and inputs that waited too long."""
         now = time.monotonic() if now is None else now
-        done: list[Conversation] = []
+        done, self.answered = self.answered, []
         for streams in self.streaming.values():
             idle = [s for s in streams if now - s.touched >= self.config.pair_idle_s]
             done += idle
@@ -128,6 +142,8 @@ class Pairing:
     def everything(self) -> list[Conversation]:
         done = [c for streams in self.streaming.values() for c in streams]
         done += [c for waiting in self.waiting.values() for c in waiting]
+        done += self.answered
+        self.answered = []
         self.streaming.clear()
         self.waiting.clear()
         return done
@@ -176,9 +192,12 @@ class DifyExtension:
             body = without_own_secrets(await read_body(request))
             return json_response(200, await self._answer(body))
         except web.HTTPRequestEntityTooLarge:
-            self.metrics.events_rejected.labels("too_large").inc()
-            return _error(413, f"body is larger than server.max_body_bytes = "
-                               f"{request.client_max_size}")
+            # Dify takes any answer but a 200 as the extension failing, and then fails
+            # the user's chat (input moderation): this one passes, unrecorded, counted.
+            self.metrics.events_dropped.labels("dify_too_large").inc()
+            log.warning("a Dify extension call larger than server.max_body_bytes = %d was "
+                        "answered but not recorded (counted)", request.client_max_size)
+            return json_response(200, PASS_ANY)
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
             return _error(400, str(e))
@@ -226,7 +245,8 @@ class DifyExtension:
         if self._has_room():
             self.pairing.add_input(app_id, query, inputs)
         if overridden:
-            # Dify then runs the model on these: the secret never reaches it.
+            # Dify runs this message's model on these (chat, completion and agent apps;
+            # chatflow apps ignore them, and the history keeps the original query).
             return {"flagged": True, "action": "overridden", "preset_response": "",
                     "inputs": inputs, "query": query}
         return {**NOT_FLAGGED, "inputs": inputs, "query": query}
