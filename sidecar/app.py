@@ -46,8 +46,14 @@ def build_app(
     async def healthz(_: web.Request) -> web.Response:
         return json_response(200, {"status": "alive"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    def show_state() -> str:
         state = readiness(receiver, spool, forwarder)
+        for name in READY_DETAIL:
+            metrics.state.labels(name).set(1 if name == state else 0)
+        return state
+
+    async def readyz(_: web.Request) -> web.Response:
+        state = show_state()
         body = {
             "status": state,
             "detail": READY_DETAIL[state],
@@ -57,6 +63,7 @@ def build_app(
         return json_response(200 if state == "ok" else 503, body)
 
     async def metrics_page(_: web.Request) -> web.Response:
+        show_state()
         return web.Response(body=metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})
 
     routes = [

@@ -9,6 +9,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -132,10 +133,16 @@ class Metrics:
             p + "rate_limited_seconds", "Time requests waited for the client-side rate limit.",
             registry=r,
         )
+        self.state = Gauge(
+            p + "state", "1 for the state GET /readyz names (ok, no_api_key, ...), else 0.",
+            ["state"], registry=r,
+        )
         self.build_info = Gauge(
             p + "build_info", "Always 1; the version is in the label.", ["version"], registry=r
         )
         self.build_info.labels(__version__).set(1)
+        # Restarts, memory and file descriptors (process_*), as every exporter has them.
+        ProcessCollector(registry=r)
         # Pre-create the label sets that alerts rely on, so a quiet sidecar shows zeros
         # rather than absent series.
         for reason in FAILURE_REASONS:

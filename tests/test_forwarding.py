@@ -338,6 +338,39 @@ async def test_expired_events_are_dead_lettered_not_sent(
     assert {d[1] for d in dead_letters(sidecar)} == {"expired"}
 
 
+async def test_a_hold_whose_events_all_expired_does_not_say_failing_for_good(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """With nothing left to send, no probe ever went: /readyz said upstream_failing (and
+    circuit_open stayed 1) after PrecogX had recovered, until the next event."""
+    fake.default = Respond(503)
+    # No linger: the last event must be sent well within its max_age_s.
+    sidecar = await start_sidecar(retry={"max_age_s": 0.5}, upstream={"linger_ms": 0})
+    forwarder = sidecar.server.forwarder
+    states: list[str] = []
+    closed = asyncio.Event()
+    log_change = forwarder._log_state_change
+
+    def logged(state: str, outcome: Any) -> None:
+        states.append(state)
+        if state == "ok" and "upstream_failing" in states:
+            closed.set()
+        log_change(state, outcome)
+
+    forwarder._log_state_change = logged  # type: ignore[method-assign]
+    await post_events(sidecar, 3)
+    await asyncio.wait_for(closed.wait(), 30)
+    assert sidecar.server.spool.counts.dead == 3
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (200, "ok")
+    _, metrics = await sidecar.get("/metrics")
+    assert "precogx_sidecar_circuit_open 0.0" in metrics
+    fake.default = None  # the fake's own processing again: PrecogX recovered
+    ids = await post_events(sidecar, 1)
+    await fake.wait_for_received(1)  # sent at once: no hold left over
+    assert received_ids(fake) == ids
+
+
 async def test_backlog_is_kept_across_restart(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:

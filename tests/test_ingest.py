@@ -492,6 +492,11 @@ async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:
     assert status == 503
     assert ready["status"] == "no_api_key"
     assert "API key" in ready["detail"]
+    # The state on /metrics too: a dashboard showed all green without a key.
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_state{state="no_api_key"} 1.0' in metrics
+    assert 'precogx_sidecar_state{state="ok"} 0.0' in metrics
+    assert "process_start_time_seconds" in metrics and "process_open_fds" in metrics
 
 
 async def test_ready_when_delivering(start_sidecar: StartSidecar) -> None:

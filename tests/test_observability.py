@@ -114,7 +114,7 @@ def exported_names() -> set[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bprecogx_sidecar_\w+", expr))
+    return set(re.findall(r"\b(?:precogx_sidecar|process)_\w+", expr))
 
 
 def test_dashboard_is_importable_with_a_ds_prometheus_input() -> None:

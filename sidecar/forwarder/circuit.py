@@ -57,6 +57,11 @@ class Circuit:
         self._recorded += 1
         self._open_until = self._clock() + delay_s
 
+    def reset(self) -> None:
+        """Closed, as if nothing had failed: there is nothing left to probe with."""
+        self.failures = 0
+        self._woken.set()
+
     def cut_short(self) -> None:
         """End the current hold now (a new API key arrived): the probe goes at once."""
         self._open_until = self._clock()

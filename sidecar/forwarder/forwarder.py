@@ -216,6 +216,7 @@ class Forwarder:
                     return []
                 part = await self._expire(part)
                 if not part:
+                    self._nothing_left_to_retry()
                     return []
                 async with self.circuit.admit() as ticket:
                     await self._take_rate_token()
@@ -340,6 +341,15 @@ class Forwarder:
         log.warning("dead-lettered %d events older than retry.max_age_s", kept)
         return [e for e in part if e.received_at >= cutoff]
 
+    def _nothing_left_to_retry(self) -> None:
+        """The hold was for events that expired instead. With nothing else claimed or
+        waiting, no probe would ever go, and the state would say "failing" for good: it
+        is left open until the next event shows how the upstream is."""
+        if (self.circuit.is_open and self.spool.unclaimed <= 0
+                and self._deliveries <= {asyncio.current_task()}):
+            self.circuit.reset()
+            self._refresh_state()
+
     # -- state -----------------------------------------------------------------
 
     def _auth_failed(self) -> None:
@@ -369,10 +379,12 @@ class Forwarder:
             log.info("%sforwarding to %s", "upstream recovered; " if recovered else "",
                      self.config.upstream.url)
         elif state == "no_api_key":
+            # Only without a key file (an empty one stops start-up), and a SIGHUP cannot
+            # show this process a variable set later: a restart it is.
             log.warning(
-                "no PrecogX API key (env PRECOGX_API_KEY or upstream.api_key_file): "
-                "events are accepted and spooled; forwarding waits for a key (write it to "
-                "upstream.api_key_file and send SIGHUP, or restart with PRECOGX_API_KEY)"
+                "no PrecogX API key: events are accepted and spooled; forwarding waits for "
+                "a key (restart with PRECOGX_API_KEY set, or with upstream.api_key_file "
+                "naming a file that holds it: SIGHUP reads that file again)"
             )
         elif state == "auth_rejected":
             log.error(
