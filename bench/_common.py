@@ -176,6 +176,7 @@ def child_env(api_key: str | None = None) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items()
         if k != "PRECOGX_API_KEY" and not k.startswith("PRECOGX_SIDECAR_")
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")  # honoured
     }
     if api_key is not None:
         env["PRECOGX_API_KEY"] = api_key

@@ -63,6 +63,8 @@ def _opt(
     return field(default=default, metadata=metadata)
 
 
+DEFAULT_UPSTREAM_URL = "https://api.precogx.ai/api/v1"
+
 @dataclass
 class ServerConfig:
     host: str = _opt("127.0.0.1", doc="address to listen on")
@@ -88,7 +90,7 @@ class SpoolConfig:
 
 @dataclass
 class UpstreamConfig:
-    url: str = _opt("https://api.precogx.ai/api/v1", doc="PrecogX API base URL")
+    url: str = _opt(DEFAULT_UPSTREAM_URL, doc="PrecogX API base URL")
     api_key_file: str = _opt("", doc="file holding the API key (else env PRECOGX_API_KEY)")
     mode: str = _opt("batch", choices=("batch", "single"), doc="one request per batch or event")
     batch_max_events: int = _opt(100, ge=1, doc="events per batch")
@@ -307,14 +309,20 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, key: str, origin: str) ->
         raise ConfigError(f"{key}: must be {options}, got {value!r} {origin}")
 
 
-def _check_cross_field(config: Config) -> None:
+# The endpoint's own path at the end of upstream.url: the base URL was given as the
+# whole endpoint, which would then be appended a second time.
+_ENDPOINT_TAIL = re.compile(r"/telemetry(?:/[^/]*)?/*$")
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
+
+
+def _check_upstream_url(config: Config) -> None:
     url = config.upstream.url
     try:
         parsed = urllib.parse.urlsplit(url)
     except ValueError as e:  # "http://[::1": not echoed, it may hold credentials
         raise ConfigError(f"upstream.url: {e}") from None
     if "@" in parsed.netloc:
-        # Printed by check-config and in the log (and in the error below): the key
+        # Printed by check-config and in the log (and in the errors below): the key
         # belongs in its own setting.
         raise ConfigError(
             "upstream.url: must not hold credentials (user:password@); set the key with "
@@ -323,9 +331,29 @@ def _check_cross_field(config: Config) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"upstream.url: must be an http:// or https:// URL, got {url!r}")
     try:
-        parsed.port  # noqa: B018 - raises for a port that is not a number up to 65535
-    except ValueError as e:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number up to 65535
         raise ConfigError(f"upstream.url: {e}, got {url!r}") from None
+    # The endpoint path is appended: a query, a fragment or a space would end up in it.
+    if url != url.strip() or parsed.query or parsed.fragment or "#" in url:
+        raise ConfigError(
+            f"upstream.url: must be a base URL without spaces, ?query or #fragment (the "
+            f"endpoint path is appended to it), got {url!r}"
+        )
+    if _ENDPOINT_TAIL.search(parsed.path):
+        raise ConfigError(
+            f"upstream.url: must be the API's base URL (e.g. {DEFAULT_UPSTREAM_URL}), not an "
+            f"endpoint: the endpoint path is appended to it, got {url!r}"
+        )
+    if port == config.server.port and parsed.hostname in {*_LOOPBACK_NAMES, config.server.host}:
+        raise ConfigError(
+            f"upstream.url: points at this sidecar itself (port {port}): events would go "
+            "round in a loop; set PrecogX's URL (or your proxy's)"
+        )
+
+
+def _check_cross_field(config: Config) -> None:
+    _check_upstream_url(config)
     for key, token in (("server.ingest_token", config.server.ingest_token),
                        ("dify.extension_token", config.dify.extension_token)):
         if token and len(token) < MIN_TOKEN_CHARS:

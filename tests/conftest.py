@@ -19,6 +19,12 @@ from sidecar.config import Config
 from sidecar.server import Server
 from tests.fake_precogx import FakePrecogX
 
+# The sidecar honours HTTP(S)_PROXY: a proxy set on the machine running the tests must
+# not stand between it and the local fake (sidecars in subprocesses inherit this).
+for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+               "all_proxy"):
+    os.environ.pop(_proxy, None)
+
 TEST_KEY = "px_test_key"
 ROOT = Path(__file__).resolve().parent.parent
 

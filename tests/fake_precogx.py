@@ -48,7 +48,8 @@ class Respond:
     """
 
     status: int
-    body: dict[str, Any] | None = None
+    # str and bytes are sent as they are (an HTML page; a gzip body with its header)
+    body: dict[str, Any] | str | bytes | None = None
     headers: dict[str, str] | None = None
     after: float = 0.0  # seconds to wait before answering: a slow, failing upstream
 
@@ -271,7 +272,11 @@ class FakePrecogX:
         rec.status = status
         rec.answered_at = time.time()
         self._notify()
-        raw = orjson.dumps(payload)
+        if isinstance(payload, str | bytes):
+            raw = payload.encode() if isinstance(payload, str) else payload
+            content_type = "text/html"
+        else:
+            raw, content_type = orjson.dumps(payload), "application/json"
 
         if isinstance(action, DropMidResponse):
             resp = web.StreamResponse(status=status, headers=extra)
@@ -284,7 +289,7 @@ class FakePrecogX:
             return resp
         if status in (204, 304):
             return web.Response(status=status, headers=extra)
-        return web.Response(status=status, body=raw, content_type="application/json", headers=extra)
+        return web.Response(status=status, body=raw, content_type=content_type, headers=extra)
 
     def _process(self, request: web.Request, body: bytes) -> tuple[int, dict[str, Any]]:
         """Do what the real API does: authenticate, validate, accept all or nothing."""

@@ -666,6 +666,35 @@ def test_upstream_url_with_a_bad_port_or_host_stops_start_up(url: str, problem: 
     assert "px_live_k" not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "problem"), [
+    # The endpoint path is appended: each of these sent requests to a wrong path (a
+    # query or fragment swallowed it, a space became %20, the path came twice), where
+    # every answer was a 404.
+    ("https://h.io/api/v1?tenant=x", "without spaces, ?query or #fragment"),
+    ("https://h.io/api/v1#frag", "without spaces, ?query or #fragment"),
+    ("https://h.io/api/v1 ", "without spaces, ?query or #fragment"),
+    ("https://h.io/api/v1/telemetry/batch", "not an endpoint"),
+    ("https://h.io/api/v1/integrations/dify/telemetry/", "not an endpoint"),
+    # The sidecar's own address: events went round in a loop, counted as delivered.
+    ("http://127.0.0.1:8787/api/v1", "points at this sidecar itself"),
+    ("http://localhost:8787/api/v1", "points at this sidecar itself"),
+])
+def test_an_upstream_url_that_cannot_be_the_api_base_stops_start_up(
+    url: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
+    assert str(info.value).startswith("upstream.url: ") and problem in str(info.value)
+
+
+@pytest.mark.parametrize("url", [
+    "https://api.precogx.ai/api/v1", "https://api.precogx.ai/api/v1/", "http://proxy:8080",
+    "http://127.0.0.1:8788/api/v1", "https://h.io/telemetry-gateway/api/v1",
+])
+def test_upstream_base_urls_are_accepted(url: str) -> None:
+    assert config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url}).upstream.url == url
+
+
 @pytest.mark.parametrize(("variable", "key"), [
     ("PRECOGX_SIDECAR_INGEST_TOKEN", "server.ingest_token"),
     ("PRECOGX_SIDECAR_DIFY_EXTENSION_TOKEN", "dify.extension_token"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import logging
 import os
 import signal
@@ -202,14 +203,60 @@ async def test_invalid_event_in_batch_is_the_only_dead_letter(
 async def test_other_4xx_is_dead_lettered_with_status_and_body(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
-    fake.script(Respond(404, body={"error": {"code": "NOT_FOUND", "message": "no such path"}}))
+    fake.script(Respond(409, body={"error": {"code": "CONFLICT", "message": "no such thing"}}))
     sidecar = await start_sidecar()
     ids = await post_events(sidecar, 3)
     await drained(sidecar)
     dead = dead_letters(sidecar)
     assert sorted(d[0] for d in dead) == ids
-    assert {(d[1], d[2]) for d in dead} == {("client_error", 404)}
-    assert "no such path" in dead[0][3]
+    assert {(d[1], d[2]) for d in dead} == {("client_error", 409)}
+    assert "no such thing" in dead[0][3]
+
+
+async def test_a_wrong_upstream_path_holds_the_backlog_instead_of_spending_it(
+    start_sidecar: StartSidecar, fake: FakePrecogX, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every event gets a 404 from a wrong upstream.url path: they all became dead
+    letters within a second, with /readyz saying ok."""
+    fake.script(Respond(404, body="<html>\r\n<h1>Not Found</h1>\r\n</html>"))
+    sidecar = await start_sidecar(retry={"initial_backoff_s": 0.05, "max_backoff_s": 0.1})
+    ids = await post_events(sidecar, 3)
+    await fake.wait_for_received(3)  # the 404 was retried, and the next answer taken
+    await drained(sidecar)
+    assert sorted(received_ids(fake)) == ids and dead_letters(sidecar) == []
+    lines = [r.getMessage() for r in caplog.records if "upstream failing" in r.getMessage()]
+    # The HTML page on one line (its line breaks could forge log lines), with a hint.
+    assert len(lines) == 1 and "\n" not in lines[0] and "\\r\\n<h1>" in lines[0]
+    assert "check upstream.url" in lines[0]
+
+
+async def test_a_compressed_answer_is_never_inflated(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """A ~50 KB gzip answer inflating to 50 MB was inflated whole in memory (a few
+    hundred KB can reach gigabytes): identity is asked for, and anything else is
+    described, not read."""
+    bomb = gzip.compress(b"0" * 50_000_000, compresslevel=9)
+    fake.script(Respond(409, body=bomb, headers={"Content-Encoding": "gzip"}))
+    sidecar = await start_sidecar()
+    await post_events(sidecar, 1)
+    await drained(sidecar)
+    assert fake.requests[0].headers["accept-encoding"] == "identity"
+    (dead,) = dead_letters(sidecar)
+    assert dead[3] == f"HTTP 409: [{len(bomb)} bytes, Content-Encoding: gzip]"
+
+
+async def test_the_proxy_environment_variables_are_honoured(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY/HTTP_PROXY were ignored: behind an egress proxy nothing was sent."""
+    monkeypatch.setenv("HTTP_PROXY", fake.url.split("/api/")[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    sidecar = await start_sidecar(upstream={"url": "http://precogx.invalid/api/v1"})
+    ids = await post_events(sidecar, 2)
+    await fake.wait_for_received(2)  # the fake answered as the proxy
+    assert sorted(received_ids(fake)) == ids
+    assert fake.requests[0].headers["host"] == "precogx.invalid"
 
 
 async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(

@@ -293,7 +293,7 @@ async def test_upstream_error_echoing_the_key_stays_out_of_dead_letters(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:
     sidecar = await start_sidecar()
-    fake.script(Respond(404, error_body("NOT_FOUND", f"key {TEST_KEY} may not use this path")))
+    fake.script(Respond(409, error_body("CONFLICT", f"key {TEST_KEY} may not use this path")))
     status, _ = await sidecar.post(SINGLE, data=orjson.dumps(event()), headers=JSON)
     assert status == 202
     spool = sidecar.server.spool

@@ -21,6 +21,21 @@ def batch_body(events: Sequence[StoredEvent]) -> bytes:
     return b'{"interactions":[' + b",".join(e.payload for e in events) + b"]}"
 
 
+async def _excerpt(response: aiohttp.ClientResponse) -> str:
+    """The start of the body, read to its end: a body cut short means we cannot know
+    what the upstream kept, so it must count as a failure and be sent again. Streamed,
+    so that memory stays bounded whatever its size."""
+    kept = bytearray()
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        kept += chunk[: BODY_EXCERPT_BYTES - len(kept)]
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        return f"[{size} bytes, Content-Encoding: {encoding}]"
+    return kept.decode("utf-8", "replace") + ("..." if size > len(kept) else "")
+
+
 class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
@@ -33,7 +48,13 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             connector=aiohttp.TCPConnector(limit=self.config.concurrency + 1),
+            # Only an excerpt of an answer is kept: a compressed one is never asked for,
+            # nor inflated (a few hundred KiB of gzip can inflate to gigabytes).
+            auto_decompress=False,
+            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which most egress set-ups need.
+            trust_env=True,
             headers={
+                "Accept-Encoding": "identity",
                 "Content-Type": "application/json",
                 "User-Agent": f"precogx-sidecar/{__version__}",
             },
@@ -51,16 +72,10 @@ class UpstreamClient:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                # Read it all: a body cut short means we cannot know what the upstream
-                # kept, so it must count as a failure and be sent again.
-                raw = await response.read()
-                excerpt = raw[:BODY_EXCERPT_BYTES]
-                if len(raw) > BODY_EXCERPT_BYTES:
-                    excerpt += b"..."
                 return Outcome(
                     status=response.status,
                     retry_after=response.headers.get("Retry-After"),
-                    body=excerpt.decode("utf-8", "replace"),
+                    body=await _excerpt(response),
                 )
         except TimeoutError:
             return Outcome(error="timeout", body=f"no answer within {self.config.timeout_s}s")

@@ -21,6 +21,7 @@ from sidecar.forwarder.circuit import Circuit
 from sidecar.forwarder.client import UpstreamClient
 from sidecar.forwarder.ratelimit import TokenBucket
 from sidecar.forwarder.retry import (
+    WRONG_ENDPOINT,
     DeadLetter,
     Decision,
     Deliver,
@@ -393,7 +394,10 @@ class Forwarder:
                 why, self.config.retry.max_backoff_s,
             )
         else:
-            log.warning("upstream failing%s: holding and retrying with backoff", why)
+            hint = ""
+            if outcome is not None and outcome.status in WRONG_ENDPOINT:
+                hint = " (a 404 or 405 for every request: check upstream.url)"
+            log.warning("upstream failing%s: holding and retrying with backoff%s", why, hint)
 
 
 def _describe(outcome: Outcome) -> str:
@@ -401,4 +405,8 @@ def _describe(outcome: Outcome) -> str:
     the API key it was sent, so known secrets are scrubbed from it."""
     if outcome.status is None:
         return scrub(f"{outcome.error}: {outcome.body}")
-    return f"HTTP {outcome.status}: {scrub(outcome.body)[:300]}"
+    # On one line: the line breaks of a proxy's HTML page could forge log lines.
+    return f"HTTP {outcome.status}: {scrub(outcome.body)[:300].translate(_ESCAPED)}"
+
+
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}

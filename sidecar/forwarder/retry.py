@@ -17,6 +17,11 @@ from dataclasses import dataclass
 RETRYABLE_4XX = frozenset({408, 425, 429})
 REJECTED = frozenset({400, 422})
 AUTH = frozenset({401, 403})
+# Say the URL is wrong (a path, a base URL without /api/v1, a proxy's page): the same
+# answer awaits every event, so they wait for the fix instead of all becoming dead letters.
+WRONG_ENDPOINT = frozenset({404, 405})
+# A 403 with this code is a verdict on an agent (too many for the plan), not on the key.
+AGENT_LIMIT = "AGENT_LIMIT_EXCEEDED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +89,19 @@ def decide(
     status = outcome.status
     if status is not None and 200 <= status < 300:
         return Deliver()
-    if status in AUTH:
-        return PauseAuth(policy.max_backoff_s)
     if status == 413:
         return Split("too_large") if batch_size > 1 else DeadLetter("too_large")
-    if status in REJECTED:
+    if status in REJECTED or (status == 403 and AGENT_LIMIT in outcome.body):
+        # Bisected down to the events refused: the others are delivered.
         return Split("rejected") if batch_size > 1 else DeadLetter("rejected")
-    if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
+    if status in AUTH:
+        return PauseAuth(policy.max_backoff_s)
+    if (status is not None and 400 <= status < 500
+            and status not in RETRYABLE_4XX and status not in WRONG_ENDPOINT):
         return DeadLetter("client_error")
-    # Timeouts, lost connections, 408/425/429, every 5xx (501 and 505 included: a
-    # proxy in between can answer them for a passing fault) and unexpected 1xx/3xx.
+    # Timeouts, lost connections, 408/425/429, 404/405, every 5xx (501 and 505
+    # included: a proxy in between can answer them for a passing fault) and unexpected
+    # 1xx/3xx.
     delay = policy.backoff(attempt, rand)
     hinted = retry_after_seconds(outcome.retry_after, now)
     if hinted is not None:
