@@ -115,6 +115,25 @@ async def test_replay_sends_again_through_the_running_sidecar(
     await spool.wait_until(lambda: spool.counts.dead == 0 and spool.counts.pending == 0)
 
 
+async def test_replayed_expired_dead_letters_are_sent_not_expired_again(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """They kept their age: the sidecar made them dead letters `expired` again at once,
+    without sending them, though the CLI said they would be sent."""
+    fake.default = Hold(asyncio.Event())  # never answers: the events age in the spool
+    sidecar = await start_sidecar(retry={"max_age_s": 1.0}, upstream={"timeout_s": 0.2})
+    ids = await send(sidecar, ["a", "a"])
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: spool.counts.dead == 2)
+    fake.default = None
+    code, out, err = await cli(sidecar, "dead-letters", "replay", "--reason", "expired")
+    assert code == 0 and out.startswith("2 dead letters back to pending"), err
+    await fake.wait_for_received(2)
+    assert sorted(int(r["metadata"]["sidecar_event_id"].rsplit("-", 1)[1])
+                  for r in fake.received) == ids
+    await spool.wait_until(lambda: spool.counts.dead == 0 and spool.counts.pending == 0)
+
+
 async def test_replay_and_purge_need_a_selection(
     start_sidecar: StartSidecar, fake: FakePrecogX
 ) -> None:

@@ -111,11 +111,17 @@ def show_dead(db: sqlite3.Connection, event_id: int) -> dict[str, Any]:
 Progress = Callable[[int, int], None]
 
 
-def replay(db: sqlite3.Connection, selection: Selection, progress: Progress) -> int:
-    """Back to pending with attempts reset: the sidecar sends them again."""
+def replay(
+    db: sqlite3.Connection, selection: Selection, progress: Progress, now: float | None = None
+) -> int:
+    """Back to pending with attempts reset: the sidecar sends them again. An expired one
+    counts its age (retry.max_age_s) from now: kept as it was, the sidecar would make
+    it a dead letter again before sending it."""
+    now = time.time() if now is None else float(now)
     return _in_chunks(
         db, selection, progress,
         "UPDATE events SET state = 'pending', attempts = 0, next_attempt_at = 0, "
+        f"received_at = CASE WHEN dead_reason = 'expired' THEN {now!r} ELSE received_at END, "
         "dead_reason = NULL, dead_at = NULL WHERE id = ?",
     )
 
