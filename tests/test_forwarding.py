@@ -291,6 +291,30 @@ async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
         "PrecogX rejected the API key (HTTP 401", "upstream recovered; forwarding to http"]
 
 
+async def test_a_reloaded_key_rejected_too_is_said_so(
+    start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only "SIGHUP: API key reloaded" was logged: the state did not change, so nothing
+    told the operator the new key was refused as well."""
+    fake.api_keys = {"px_rotated_key"}
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    await post_events(sidecar, 1)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: sidecar.server.forwarder.auth_rejected)
+
+    def told() -> bool:
+        return any("rejected the reloaded API key too" in r.getMessage()
+                   for r in caplog.records)
+
+    assert not told()
+    (tmp_path / "api-key").write_text("px_still_wrong\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await spool.wait_until(told)  # the probe's 401 is recorded in the spool after it
+    assert len(fake.requests) == 2
+    assert (await sidecar.get("/readyz"))[1]["status"] == "auth_rejected"
+
+
 async def test_a_401_for_the_key_replaced_meanwhile_sends_again_with_the_new_one(
     start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
 ) -> None:

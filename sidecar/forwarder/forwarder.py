@@ -61,6 +61,7 @@ class Forwarder:
         self.state = "starting"  # so that start() logs where it forwards to
         self.auth_rejected = False
         self._rejected_key = ""
+        self._reloaded = False  # a new key came while the last was rejected
         self._key_ready = asyncio.Event()
         self._slots = asyncio.Semaphore(upstream.concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -89,6 +90,7 @@ class Forwarder:
         if self.auth_rejected:
             # Probe at once, even with the same key: its permissions may have been fixed
             # upstream. The state stays until the probe's answer says what it is.
+            self._reloaded = True
             self.circuit.cut_short()
         self._refresh_state()
 
@@ -284,7 +286,7 @@ class Forwarder:
         self._count_failure(outcome)
         delay = decision.delay_s
         if isinstance(decision, PauseAuth):
-            self._auth_failed()
+            self._auth_failed(outcome)
         else:
             assert isinstance(decision, Retry)
             if self.client.api_key != self._rejected_key:
@@ -353,11 +355,16 @@ class Forwarder:
 
     # -- state -----------------------------------------------------------------
 
-    def _auth_failed(self) -> None:
+    def _auth_failed(self, outcome: Outcome) -> None:
         self._rejected_key = self.client.api_key
         if not self.auth_rejected:
             self.auth_rejected = True
             self.metrics.upstream_auth_failed.set(1)
+        elif self._reloaded:
+            # No change of state to log, but whoever sent SIGHUP must learn it did not help.
+            log.error("PrecogX rejected the reloaded API key too (%s): forwarding stays paused",
+                      _describe(outcome))
+        self._reloaded = False
 
     def _refresh_state(self, outcome: Outcome | None = None) -> None:
         if not self.client.api_key:
