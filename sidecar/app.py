@@ -23,6 +23,7 @@ READY_DETAIL = {
     "auth_rejected": "accepting events; PrecogX rejects the API key, forwarding is paused",
     "spool_full": "refusing events: the spool is full",
     "spool_unwritable": "refusing events: the spool cannot commit",
+    "spool_stalled": "events wait: a spool commit has not finished for seconds (the disk stalls)",
     "shutting_down": "shutting down",
 }
 
@@ -32,6 +33,8 @@ def readiness(receiver: IngestReceiver, spool: Spool, forwarder: Forwarder) -> s
         return "shutting_down"
     if spool.write_error:
         return "spool_unwritable"
+    if spool.stalled_since is not None:
+        return "spool_stalled"
     # Under drop_oldest a full spool still takes events, while it has pending ones to
     # evict: those in flight are not.
     if spool.is_full() and (spool.config.when_full == "reject" or spool.unclaimed <= 0):

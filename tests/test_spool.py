@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -237,6 +238,105 @@ async def test_a_spool_file_removed_while_open_refuses_what_it_cannot_keep(
         await put(s, 1)
     assert s.write_error is not None
     await s.close()
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_a_wal_or_shm_removed_while_open_refuses_events(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Commits after the -wal went live only in a deleted file until the next checkpoint
+    (a crash loses them), and a CLI write through a new -wal or -shm is mixed with the
+    sidecar's: refused, as for the file itself."""
+    path = tmp_path / "s.db"
+    s = Spool(SpoolConfig(path=str(path)))
+    await s.open()
+    await put(s, 1)
+    (tmp_path / f"s.db{suffix}").unlink()
+    with pytest.raises(SpoolUnavailable, match=f"s.db{suffix} was removed or replaced"):
+        await put(s, 1)
+    # Known to be gone: refused before anything is written.
+    with pytest.raises(SpoolUnavailable, match="removed or replaced"):
+        await put(s, 1)
+    await s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+
+
+async def test_a_spool_path_that_cannot_be_checked_keeps_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stat() failing for another reason than ENOENT (the directory made unsearchable)
+    says nothing of the file: the commit happened and is answered as such, not with a
+    503 "nothing was stored"."""
+    import sidecar.spool.store as store
+
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db")))
+    await s.open()
+
+    def denied(path: Path) -> tuple[int, int] | None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(store, "_identity", denied)
+    assert await put(s, 2) == [1, 2]
+    assert s.counts.pending == 2 and s.write_error is None
+    monkeypatch.undo()
+    await s.close()
+
+
+async def test_an_sqlite_file_that_is_no_spool_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    s = Spool(SpoolConfig(path=str(path)))
+    with pytest.raises(SpoolVersionError, match="no spool"):
+        await s.open()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_the_cli_refuses_a_spool_whose_wal_or_shm_went_under_the_sidecar(
+    spool: Spool, tmp_path: Path, suffix: str
+) -> None:
+    """With the -wal gone, a CLI write restarted a new -wal through the index it shares
+    with the sidecar, whose checkpoints then made the file "not a database"; with the
+    -shm gone, the sidecar silently undid a purge the CLI had reported done."""
+    path = tmp_path / "spool.db"
+    await put(spool, 1)
+    with admin.open_spool(str(path)):
+        pass  # untouched: fine beside the sidecar
+    (tmp_path / f"spool.db{suffix}").unlink()
+    refused = pytest.raises(admin.AdminError, match=f"spool.db{suffix} was removed or replaced")
+    with refused, admin.open_spool(str(path)):
+        pass
+
+
+async def test_a_stalled_commit_is_reported_while_it_waits(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen or hung file system: the commit neither ends nor fails. /readyz said "ok"
+    for as long as it lasted, with nothing in the log, while every request hung."""
+    import sidecar.spool.store as store
+
+    monkeypatch.setattr(store, "COMMIT_STALL_S", 0.05)
+    disk = threading.Event()  # the stalled disk, released by the test
+    reported = asyncio.Event()
+    stalled = spool._stalled
+
+    def report(started: float) -> None:
+        stalled(started)
+        reported.set()
+
+    monkeypatch.setattr(spool, "_stalled", report)
+    stall = asyncio.ensure_future(spool._writer_db.call(lambda db: disk.wait(30)))
+    pending = asyncio.ensure_future(put(spool, 1))
+    await asyncio.wait_for(reported.wait(), 30)
+    assert spool.stalled_since is not None and not pending.done()
+    disk.set()
+    assert await pending == [1]
+    await stall
+    assert spool.stalled_since is None
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ sidecar notices the change (PRAGMA data_version) and recounts.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +33,16 @@ class AdminError(Exception):
 def open_spool(path: str) -> Iterator[sqlite3.Connection]:
     if not Path(path).exists():
         raise AdminError(f"spool.path: {path} does not exist")
+    real = Path(path).resolve()
+    if (replaced := _replaced_under_sidecar(real)) is not None:
+        # A running sidecar's -wal or -shm was removed or replaced: SQLite would write this
+        # command's changes where the sidecar does not look (and, for a -wal, through the
+        # index both share, so that the sidecar's next checkpoint copies a mix of the two
+        # into the file, which then is no database any more).
+        raise AdminError(
+            f"{real}{replaced} was removed or replaced while a sidecar runs on {path}: stop "
+            "it (SIGTERM: its final checkpoint keeps what it holds) before using this command"
+        )
     try:
         db = sqlite3.connect(path, timeout=10, isolation_level=None)
     except sqlite3.Error as e:  # a directory, say
@@ -52,6 +64,41 @@ def open_spool(path: str) -> Iterator[sqlite3.Connection]:
         raise AdminError(f"{path}: {e}") from None
     finally:
         db.close()
+
+
+def _replaced_under_sidecar(real: Path) -> str | None:
+    """"-wal" or "-shm" if a running sidecar holds the spool's lock (see store._lock) and
+    that file is not the one it opened (recorded in the lock file); else None."""
+    try:
+        fd = os.open(f"{real}.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: a sidecar runs
+        else:
+            return None
+        try:
+            recorded = orjson.loads(os.pread(fd, 4096, 0))
+        except (OSError, orjson.JSONDecodeError):
+            recorded = None  # still starting up
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{real}{suffix}")
+        try:
+            st = side.stat()
+        except FileNotFoundError:
+            return suffix  # a running sidecar always has both
+        except OSError:
+            continue
+        if isinstance(recorded, dict) and recorded.get(suffix[1:]) not in (
+            None, [st.st_dev, st.st_ino]
+        ):
+            return suffix
+    return None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ WAL_REWIND_FRAMES = 1024
 # copy, or after this many passes of the reader's have not got there.
 WAL_FINISH_FRAMES = 64
 CHECKPOINT_PASSES = 8
+# A commit still running after this long means the disk stalls (a frozen or hung file
+# system): said once in the log and on /readyz, while the requests go on waiting.
+COMMIT_STALL_S = 5.0
 
 
 class SpoolFull(Exception):
@@ -133,6 +136,8 @@ class Spool:
     data_ready: asyncio.Event = field(default_factory=asyncio.Event)
     unclaimed_since: float | None = None
     write_error: str | None = None
+    # When the commit now running began, once it has run COMMIT_STALL_S; else None.
+    stalled_since: float | None = None
 
     def __post_init__(self) -> None:
         self._next_id = 1
@@ -151,17 +156,28 @@ class Spool:
         self._writer_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
         self._lock: int | None = None
-        self._file: tuple[int, int] | None = None  # device and inode of the open file
+        # Device and inode of the open file, its -wal and its -shm.
+        self._files: tuple[tuple[int, int] | None, ...] | None = None
+        self._unverifiable = False  # stat() of spool.path failed for a reason besides ENOENT
+        self._real = self._path
+        self._replaced = False
 
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self._path)
+        try:
+            _refuse_foreign(self._path)
+        except BaseException:
+            self._unlock()
+            raise
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
-            self._file = _identity(self._path)
+            self._real = self._path.resolve()
+            self._files = _identities(self._path, self._real)
+            _record_side_files(self._lock, self._files)
             await self._reader_db.start()
         except BaseException:
             await self._writer_db.close()
@@ -187,6 +203,16 @@ class Spool:
         self._next_id = max(int(next_id), max_id + 1)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self.counts = _count(db)
+        # A spool that opens but cannot commit (a read-only file, a full disk) is refused
+        # now, not at the first event after /readyz said "ok". Rewrites one page: no change.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE meta SET value = value WHERE key = 'spool_id'")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     async def close(self) -> None:
         """Commit everything already handed in, then close. New appends are refused."""
@@ -489,7 +515,13 @@ class Spool:
         counts = (self.counts.events, self.counts.bytes)
         inflight = frozenset(self.inflight) if self.config.when_full == "drop_oldest" else None
         checkpoint, self._finish_checkpoint = self._finish_checkpoint, False
+        started = time.monotonic()
+        watchdog = asyncio.get_running_loop().call_later(COMMIT_STALL_S, self._stalled, started)
         try:
+            if self._replaced:
+                # Known to be replaced: check before writing, so that refused requests
+                # are not stored after all (in a file the next start may still see).
+                self._check_file()
             result = await self._writer_db.call(
                 lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint)
             )
@@ -501,6 +533,11 @@ class Spool:
             # too: those requests are refused, and the spool keeps taking the others.
             self._fail(appends, ops, e)
             return
+        finally:
+            watchdog.cancel()
+            if self.stalled_since is not None:
+                log.info("spool commit finished after %.1f s", time.monotonic() - started)
+                self.stalled_since = None
         if self.write_error is not None:
             log.info("spool commits again")
             self.write_error = None
@@ -564,14 +601,36 @@ class Spool:
             self._recounted = None
         return _GroupResult(op_results, accepted, answers, evicted, recounted)
 
+    def _stalled(self, started: float) -> None:
+        self.stalled_since = started
+        log.error("spool commit has not finished after %.0f s: the disk stalls; requests "
+                  "wait for it", time.monotonic() - started)
+
     def _check_file(self) -> None:
         """After each commit, before anyone is answered: the commit went into the file at
-        spool.path. Removed or replaced while open, SQLite goes on writing to the old
-        inode, and whatever it held is gone at the next start."""
-        if _identity(self._path) != self._file:
+        spool.path, through the -wal and -shm files any other process (the CLI) uses.
+        Removed or replaced while open, SQLite goes on writing to the old inode: whatever
+        it held is gone at the next start (the file), lost at a crash (the -wal), or a
+        CLI's write is mixed with the sidecar's and the file corrupted (-wal, -shm)."""
+        try:
+            now = _identities(self._path, self._real)
+        except OSError as e:
+            # EACCES on the directory, say: this cannot tell, and the commit did happen;
+            # refusing it would answer 503 "nothing was stored" for stored events.
+            if not self._unverifiable:
+                log.warning("cannot check that %s is still the open spool file: %s",
+                            self._path, e)
+            self._unverifiable = True
+            return
+        self._unverifiable = False
+        self._replaced = now != self._files
+        if self._replaced:
+            names = [n for n, a, b in zip(("", "-wal", "-shm"), now, self._files or (), strict=True)
+                     if a != b]
+            which = ", ".join(f"{self._path}{n}" for n in names)
             raise FileNotFoundError(
-                f"{self._path} was removed or replaced while the sidecar ran: refusing events "
-                "until it is restarted"
+                f"{which} was removed or replaced while the sidecar ran: refusing events "
+                "until it is restarted (SIGTERM: its final checkpoint keeps what it holds)"
             )
 
     def _plain(self, appends: list[_Append], counts: tuple[int, int]) -> bool:
@@ -769,6 +828,48 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _identities(path: Path, real: Path) -> tuple[tuple[int, int] | None, ...]:
+    """The file's (through spool.path, symlinks followed), its -wal's and its -shm's
+    (SQLite names those after the resolved path, ``real``)."""
+    return (_identity(path), _identity(Path(f"{real}-wal")), _identity(Path(f"{real}-shm")))
+
+
+def _record_side_files(lock: int, files: tuple[tuple[int, int] | None, ...]) -> None:
+    """Write the -wal's and -shm's identities into the lock file, for the CLI: one of them
+    replaced under the running sidecar, a CLI write would go where the sidecar does not
+    look (see admin.open_spool)."""
+    record = orjson.dumps({"wal": files[1], "shm": files[2]})
+    try:
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, record, 0)
+    except OSError as e:  # a full disk, say: the CLI then checks less, nothing worse
+        log.warning("cannot record the spool's -wal and -shm in its lock file: %s", e)
+
+
+def _refuse_foreign(path: Path) -> None:
+    """An SQLite file that is no spool (user_version 0 but tables of its own): another
+    program's database named by mistake. Refused before anything (WAL mode, the schema)
+    is written to it."""
+    if not path.exists() or path.stat().st_size == 0 or not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return  # open() reports it
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        objects = [r[0] for r in db.execute("SELECT name FROM sqlite_master LIMIT 5")]
+    except sqlite3.Error:
+        return  # open() reports it ("file is not a database", ...)
+    finally:
+        db.close()
+    if version == 0 and objects:
+        raise SpoolVersionError(
+            f"{path} is an SQLite database but no spool (it holds {', '.join(objects)}): "
+            "point spool.path at a file of its own"
+        )
 
 
 def _lock(spool: Path) -> int:
