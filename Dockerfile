@@ -11,11 +11,15 @@ COPY sidecar ./sidecar
 RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[speed]'
 
 FROM python:3.12-slim
-RUN groupadd --system --gid 10001 precogx \
-    && useradd --system --uid 10001 --gid 10001 --create-home \
-        --home-dir /var/lib/precogx-sidecar precogx
+# No --system (it warns: 10001 is above SYS_UID_MAX) and no --create-home (it would copy
+# /etc/skel's dot files into every spool volume).
+RUN groupadd --gid 10001 precogx \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin \
+        --home-dir /var/lib/precogx-sidecar precogx \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/precogx-sidecar
 COPY --from=build /wheels /wheels
-# Every wheel in /wheels was built above for exactly this install: pinned by the build.
+# Every wheel in /wheels was built above for exactly this install (the versions PyPI
+# had then: pin them in a constraints file for reproducible images).
 RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels
 # Inside a container the sidecar must be reachable from Dify's containers, so it

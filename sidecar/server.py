@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -119,8 +120,11 @@ class Server:
         except (SpoolVersionError, SpoolInUse) as e:
             raise StartupError(f"spool.path: {e}") from None
         except (sqlite3.Error, OSError) as e:
+            hint = ""
+            if isinstance(e, PermissionError):
+                hint = f" (running as uid {os.getuid()}: its directory must be writable by it)"
             raise StartupError(
-                f"spool.path: cannot open {self.config.spool.path} as the spool: {e}"
+                f"spool.path: cannot open {self.config.spool.path} as the spool: {e}{hint}"
             ) from None
 
     def _export_spool_gauges(self) -> None:

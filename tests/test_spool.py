@@ -399,6 +399,49 @@ async def test_failed_commit_refuses_and_reports(spool: Spool, tmp_path: Path) -
     assert spool.write_error is None
 
 
+async def test_spool_that_cannot_write_stays_unwritable_until_a_write_commits(
+    spool: Spool,
+) -> None:
+    # A spool file this process cannot write (owned by another user, say) fails every
+    # write, while work that writes nothing (BEGIN IMMEDIATE ... COMMIT around a recount,
+    # a checkpoint) still succeeds: that must not count as "commits again". An authorizer
+    # that refuses writes stands in for the file mode, which root (CI) would ignore.
+    def refuse_writes(action: int, *_: object) -> int:
+        writes = (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE)
+        return sqlite3.SQLITE_DENY if action in writes else sqlite3.SQLITE_OK
+
+    def error(s: Spool) -> str | None:
+        return s.write_error
+
+    await spool._writer_db.call(lambda db: db.set_authorizer(refuse_writes))
+    with pytest.raises(SpoolUnavailable):
+        await put(spool, 1)
+    with pytest.raises(SpoolUnavailable):  # writes nothing itself, but must not pass
+        await spool.sync_external_changes()
+    assert error(spool) is not None
+    await spool._writer_db.call(lambda db: db.set_authorizer(None))
+    await spool.sync_external_changes()
+    assert error(spool) is None
+    assert await put(spool, 1)
+
+
+async def test_read_only_spool_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(SpoolConfig(path=str(path)))
+    await first.open()
+    await first.close()
+    s = Spool(SpoolConfig(path=str(path)))
+    configure = s._writer_db._configure
+
+    def read_only(db: sqlite3.Connection) -> None:
+        configure(db)
+        db.execute("PRAGMA query_only = ON")  # see above
+
+    s._writer_db._configure = read_only  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError, match=r"readonly.*running as uid"):
+        await s.open()
+
+
 async def test_groups_larger_than_one_insert_land_whole(tmp_path: Path) -> None:
     big = Spool(SpoolConfig(path=str(tmp_path / "big.db")))
     await big.open()

@@ -187,6 +187,16 @@ class Spool:
 
     def _load_state(self, db: Db) -> None:
         _migrate(db)
+        # A file this process may read but not write (owned by another user, as a spool
+        # brought into a bind mount can be) opens, migrates nothing and reads fine: only
+        # the first insert would fail. Write once now, so start-up says so instead.
+        try:
+            _probe_write(db)
+        except sqlite3.OperationalError as e:
+            raise sqlite3.OperationalError(
+                f"{e} (running as uid {os.getuid()}: the spool file, its -wal and -shm "
+                "files and their directory must be writable by it)"
+            ) from None
         # Checkpoints are run by checkpoint(), off the commit path.
         db.execute("PRAGMA wal_autocheckpoint = 0")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -203,16 +213,6 @@ class Spool:
         self._next_id = max(int(next_id), max_id + 1)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self.counts = _count(db)
-        # A spool that opens but cannot commit (a read-only file, a full disk) is refused
-        # now, not at the first event after /readyz said "ok". Rewrites one page: no change.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("UPDATE meta SET value = value WHERE key = 'spool_id'")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     async def close(self) -> None:
         """Commit everything already handed in, then close. New appends are refused."""
@@ -517,13 +517,16 @@ class Spool:
         checkpoint, self._finish_checkpoint = self._finish_checkpoint, False
         started = time.monotonic()
         watchdog = asyncio.get_running_loop().call_later(COMMIT_STALL_S, self._stalled, started)
+        # After a failure, only a group that really wrote proves the spool commits again:
+        # a read-only op (or BEGIN/COMMIT) succeeds on a read-only file too.
+        probe = self.write_error is not None
         try:
             if self._replaced:
                 # Known to be replaced: check before writing, so that refused requests
                 # are not stored after all (in a file the next start may still see).
                 self._check_file()
             result = await self._writer_db.call(
-                lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint)
+                lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint, probe)
             )
             # Here, not in the connection's thread: there the stat would hand the GIL
             # to the busy event loop and wait (up to a switch interval) to get it back.
@@ -567,8 +570,11 @@ class Spool:
     def _transaction(
         self, db: Db, appends: list[_Append], ops: list[_Op],
         counts: tuple[int, int], inflight: frozenset[int] | None, checkpoint: bool,
+        probe: bool = False,
     ) -> _GroupResult:
         """One group commit, run in the writer connection's thread."""
+        if probe:
+            _probe_write(db)
         if not ops and not checkpoint and self._plain(appends, counts):
             # The common case as one statement in autocommit mode, which SQLite commits
             # as a transaction of its own. Every statement costs this thread a wait for
@@ -889,6 +895,11 @@ def _lock(spool: Path) -> int:
             "needs a spool.path of its own"
         ) from None
     return fd
+
+
+def _probe_write(db: Db) -> None:
+    """Raises what a write would (e.g. "attempt to write a readonly database")."""
+    db.execute("UPDATE meta SET value = value WHERE key = 'next_id'")
 
 
 def _migrate(db: Db) -> None:
