@@ -8,6 +8,7 @@ import contextlib
 import gc
 import http.client
 import logging
+import os
 import sys
 import time
 import urllib.request
@@ -33,7 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # here, so that a reader gone early is caught below
+    except BrokenPipeError:
+        # `dead-letters list | head`: the reader has what it wanted. Python would print a
+        # traceback, and again when it flushes stdout at exit: stdout goes nowhere now.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -310,3 +310,18 @@ def test_a_short_hmac_key_is_refused_in_a_readable_line(tmp_path: Path) -> None:
                  PRECOGX_SIDECAR_REDACTION_HMAC_KEY="short")
     assert_config_error(result, "at least 16 bytes", "is shorter")
     assert "****" not in result.stderr
+
+
+def test_a_reader_gone_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`dead-letters list | head` ended in a BrokenPipeError traceback (twice over)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            sidecar_command("check-config"), stdout=write_end, stderr=subprocess.PIPE,
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
