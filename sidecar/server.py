@@ -107,6 +107,10 @@ class Server:
         # 4. Close the listener and the remaining connections.
         if self._runner is not None:
             await self._runner.cleanup()
+        if unrecorded := self.dify.unrecorded_after_stop:
+            # Counted too, but no scrape can see the count any more.
+            log.warning("%d Dify extension calls came after the spool closed: answered, "
+                        "not recorded", unrecorded)
         loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)

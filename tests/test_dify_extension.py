@@ -364,6 +364,10 @@ async def test_calls_after_the_extension_stopped_are_answered_and_counted(
     assert 'precogx_sidecar_events_dropped_total{reason="dify_shutting_down"} 2.0' in metrics
     assert [r.getMessage() for r in caplog.records if "no longer recorded" in r.getMessage()] \
         == ["shutting down: Dify extension calls are answered but no longer recorded (counted)"]
+    # The count in the log as well: the last scrape came before these calls could.
+    await sidecar.stop()
+    assert "2 Dify extension calls came after the spool closed: answered, not recorded" in [
+        r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("point", ["app.moderation.input", "app.moderation.output",

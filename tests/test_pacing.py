@@ -50,6 +50,20 @@ async def test_unlimited_bucket_never_waits() -> None:
     assert [await bucket.take() for _ in range(1000)] == [0.0] * 1000
 
 
+async def test_bucket_counts_the_wait_behind_other_callers() -> None:
+    """With concurrency > 1 the time queued for the lock was not counted: the rate-limit
+    wait read about half of the truth."""
+    clock = FakeClock()
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(0)  # the others run at the time the sleep began
+        clock.now += seconds
+
+    bucket = TokenBucket(60, 1, clock, sleep)  # one a second, none saved beyond the first
+    held = await asyncio.gather(*(bucket.take() for _ in range(3)))
+    assert held == [0.0, 1.0, 2.0]  # the third waited a second for the lock, then one more
+
+
 async def test_closed_circuit_admits_everyone_at_once() -> None:
     circuit = Circuit()
     inside = 0

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 class TokenBucket:
     """``rate_per_minute`` tokens a minute, at most ``burst`` saved; 0 means unlimited."""
 
     def __init__(
-        self, rate_per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self, rate_per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.rate = rate_per_minute / 60.0
         self.burst = float(max(burst, 1))
         self._clock = clock
+        self._sleep = sleep
         self._tokens = self.burst
         self._updated = clock()
         self._lock = asyncio.Lock()
@@ -31,12 +33,14 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
     async def take(self) -> float:
-        """Wait for a token; returns how long the caller was held."""
+        """Wait for a token; returns how long the caller was held, queueing behind the
+        others (with concurrency > 1) included."""
         if self.rate <= 0:
             return 0.0
-        held = 0.0
+        start = self._clock()
+        waited = self._lock.locked()
         async with self._lock:  # first come, first served
             while (wait := self.wait_time()) > 0:
-                held += wait
-                await asyncio.sleep(wait)
-        return held
+                waited = True
+                await self._sleep(wait)
+        return self._clock() - start if waited else 0.0

@@ -164,7 +164,7 @@ class DifyExtension:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stopped = False
-        self._dropped_stopped = 0
+        self.unrecorded_after_stop = 0  # calls answered once the spool had closed
         self._received = metrics.events_received.labels("dify_extension")
 
     def routes(self) -> list[web.RouteDef]:
@@ -261,10 +261,10 @@ class DifyExtension:
     def _has_room(self) -> bool:
         if self._stopped:
             # The spool is closing: still answer, Dify's chats must not fail.
-            if not self._dropped_stopped:
+            if not self.unrecorded_after_stop:
                 log.warning("shutting down: Dify extension calls are answered but no "
                             "longer recorded (counted)")
-            self._dropped_stopped += 1
+            self.unrecorded_after_stop += 1
             self.metrics.events_dropped.labels("dify_shutting_down").inc()
             return False
         if self.pairing.open < self.config.max_open:
