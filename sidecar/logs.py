@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -65,6 +66,52 @@ def _without_request_bytes(record: logging.LogRecord) -> bool:
     if record.levelno > logging.WARNING:  # the client's fault, no server error
         record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
+
+
+class Summarised:
+    """A line that can come once per event (a dead letter, an eviction): the first is
+    logged at once, the others of the next ``window_s`` are summed into one line at its
+    end, so a flood of bad events stays a line a minute. The counts are in the metrics
+    as they happen; this is for whoever reads the log."""
+
+    def __init__(
+        self, logger: logging.Logger, level: int, summary: str, window_s: float = 60.0
+    ) -> None:
+        """``summary``: a format taking the lines held back and the events they were
+        about, e.g. "%d more dead-letter batches (%d events) in the last minute"."""
+        self.logger, self.level, self.summary, self.window_s = logger, level, summary, window_s
+        self._held = self._events = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, message: str, *args: object, events: int = 1) -> None:
+        if self._timer is not None:
+            self._held += 1
+            self._events += events
+            return
+        self.logger.log(self.level, message, *args)
+        self._start_window()
+
+    def flush(self) -> None:
+        """Log what is held back now (at shutdown: no window ends after it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._end_window(restart=False)
+
+    def _start_window(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the event loop (a command): nothing to sum
+            return
+        self._timer = loop.call_later(self.window_s, self._end_window)
+
+    def _end_window(self, restart: bool = True) -> None:
+        self._timer = None
+        if not self._held:
+            return
+        self.logger.log(self.level, self.summary, self._held, self._events)
+        self._held = self._events = 0
+        if restart:  # still flooding, perhaps: the next lines are summed too
+            self._start_window()
 
 
 class _ScrubbingFormatter(logging.Formatter):

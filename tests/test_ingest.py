@@ -472,7 +472,9 @@ async def test_batch_that_does_not_fit_is_refused_whole(start_sidecar: StartSide
     assert len(stored_rows(sidecar)) == 3
 
 
-async def test_drop_oldest_evicts_and_counts(start_sidecar: StartSidecar) -> None:
+async def test_drop_oldest_evicts_and_counts(
+    start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
     sidecar = await start_sidecar(
         spool={"max_events": 3, "when_full": "drop_oldest"}, upstream={"api_key_file": ""}
     )
@@ -484,6 +486,13 @@ async def test_drop_oldest_evicts_and_counts(start_sidecar: StartSidecar) -> Non
     assert [r[0] for r in stored_rows(sidecar)] == ids[2:]
     _, metrics = await sidecar.get("/metrics")
     assert 'precogx_sidecar_events_dropped_total{reason="spool_full"} 2.0' in metrics
+    # A line when it starts, then a sum a minute (here: at shutdown), not one per request.
+    await sidecar.stop()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spool full")]
+    assert lines == [
+        "spool full: dropped the 1 oldest pending events (drop_oldest)",
+        "spool full: 1 more evictions (1 events) in the last minute (drop_oldest)",
+    ]
 
 
 async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -80,3 +81,28 @@ def test_a_client_gone_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "WARNING aiohttp.server: Error handling request from ::1: the client closed" in err
+
+
+async def test_a_line_per_event_becomes_a_line_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dead letters, evictions, splits: one line each flooded the log with a bad batch."""
+    logger = logging.getLogger("sidecar.test-summarised")
+    summed = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("3 more"):
+                summed.set()
+
+    logger.addHandler(Seen())
+    lines = logs.Summarised(logger, logging.WARNING, "%d more (%d events)", window_s=0.05)
+    lines("dead-lettered %d", 2, events=2)
+    for n in (3, 4, 5):
+        lines("dead-lettered %d", n, events=n)
+    await asyncio.wait_for(summed.wait(), 30)  # at the end of the window
+    lines("dead-lettered %d", 6, events=6)  # held: the flood may go on
+    lines.flush()
+    lines("dead-lettered %d", 7, events=7)  # after a quiet window: at once again
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
+        "dead-lettered 2", "3 more (12 events)", "1 more (6 events)", "dead-lettered 7"]

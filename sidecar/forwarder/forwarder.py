@@ -33,7 +33,7 @@ from sidecar.forwarder.retry import (
     decide,
     failure_reason,
 )
-from sidecar.logs import scrub
+from sidecar.logs import Summarised, scrub
 from sidecar.metrics import Metrics
 from sidecar.spool import Spool, SpoolUnavailable, StoredEvent
 
@@ -73,6 +73,12 @@ class Forwarder:
         # Consecutive deliveries the spool could not record, and when to claim again.
         self._unrecorded = 0
         self._resume_at = 0.0
+        # Lines that can come per event: one a minute at most (see Summarised).
+        self._dead_letter_lines = Summarised(
+            log, logging.WARNING, "%d more dead-letter lines (%d events) in the last minute: "
+            "see `precogx-sidecar dead-letters list`")
+        self._split_lines = Summarised(
+            log, logging.INFO, "%d more splits (%d events) in the last minute")
 
     # -- life cycle ------------------------------------------------------------
 
@@ -112,6 +118,8 @@ class Forwarder:
             await asyncio.gather(*late, return_exceptions=True)
             if left := len(waiting | late):
                 log.info("shutdown: %d batches left in the spool for the next start", left)
+        self._dead_letter_lines.flush()
+        self._split_lines.flush()
 
     # -- batching --------------------------------------------------------------
 
@@ -278,7 +286,8 @@ class Forwarder:
             return True
         if isinstance(decision, Split):
             self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
-            log.info("upstream answered %s for %d events: splitting", outcome.status, len(part))
+            self._split_lines("upstream answered %s for %d events: splitting", outcome.status,
+                              len(part), events=len(part))
             return False
         if isinstance(decision, DeadLetter):
             await self._dead_letter(part, decision.reason, outcome, ticket)
@@ -327,9 +336,9 @@ class Forwarder:
         self.metrics.events_dead_lettered.labels(reason).inc(kept)
         if outcome.status is not None and outcome.status >= 400:
             self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
-        log.warning(
+        self._dead_letter_lines(
             "dead-lettered %d events (%s, upstream %s): see `precogx-sidecar dead-letters list`",
-            kept, reason, outcome.status,
+            kept, reason, outcome.status, events=kept,
         )
         # A dead letter is a verdict on the events, not a sign the upstream is down.
         self._upstream_answered(ticket)
@@ -341,7 +350,8 @@ class Forwarder:
             return part
         kept = await self.spool.dead_letter(expired, "expired", None, "older than retry.max_age_s")
         self.metrics.events_dead_lettered.labels("expired").inc(kept)
-        log.warning("dead-lettered %d events older than retry.max_age_s", kept)
+        self._dead_letter_lines("dead-lettered %d events older than retry.max_age_s", kept,
+                                events=kept)
         return [e for e in part if e.received_at >= cutoff]
 
     def _nothing_left_to_retry(self) -> None:

@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.config import DifyConfig
+from sidecar.logs import Summarised
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
     UnreadableBody,
@@ -166,6 +167,9 @@ class DifyExtension:
         self._stopped = False
         self.unrecorded_after_stop = 0  # calls answered once the spool had closed
         self._received = metrics.events_received.labels("dify_extension")
+        self._pairing_full_lines = Summarised(
+            log, logging.WARNING,
+            "dify.max_open: %d more conversations (%d) dropped in the last minute (counted)")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self.handle)]
@@ -180,6 +184,7 @@ class DifyExtension:
             self._stopping.set()
             await self._sweeper
         self._stopped = True
+        self._pairing_full_lines.flush()
         await self._record(self.pairing.everything())
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -271,7 +276,7 @@ class DifyExtension:
             return True
         # Answer Dify anyway: failing its moderation call would fail the user's chat.
         self.metrics.events_dropped.labels("dify_pairing_full").inc()
-        log.warning("dify.max_open conversations are open: dropping one (counted)")
+        self._pairing_full_lines("dify.max_open conversations are open: dropping one (counted)")
         return False
 
     async def _sweep(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import SpoolConfig
+from sidecar.logs import Summarised
 from sidecar.spool.connection import DbThread
 from sidecar.spool.schema import (
     MIGRATIONS,
@@ -141,6 +142,10 @@ class Spool:
 
     def __post_init__(self) -> None:
         self._next_id = 1
+        # Under drop_oldest a full spool evicts for every request: a line a minute at most.
+        self._eviction_lines = Summarised(
+            log, logging.WARNING,
+            "spool full: %d more evictions (%d events) in the last minute (drop_oldest)")
         self._appends: list[_Append] = []
         self._ops: list[_Op] = []
         self._wake = asyncio.Event()
@@ -220,6 +225,7 @@ class Spool:
         self._wake.set()
         if self._writer_task:
             await self._writer_task
+        self._eviction_lines.flush()
         try:
             await self._reader_db.call(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         except sqlite3.Error as e:
@@ -735,7 +741,8 @@ class Spool:
         self.counts.pending -= events
         self.counts.bytes -= size
         self.dropped("spool_full", events)
-        log.warning("spool full: dropped the %d oldest pending events (drop_oldest)", events)
+        self._eviction_lines("spool full: dropped the %d oldest pending events (drop_oldest)",
+                             events, events=events)
 
     def _signal_data(self) -> None:
         if self.unclaimed > 0:
