@@ -63,6 +63,8 @@ def build_app(
             "spool": {"pending": spool.counts.pending, "dead": spool.counts.dead,
                       "bytes": spool.counts.bytes},
         }
+        if state in ("upstream_failing", "auth_rejected") and forwarder.last_failure:
+            body["last_failure"] = forwarder.last_failure  # which failure: a 429? a 503?
         return json_response(200 if state == "ok" else 503, body)
 
     async def metrics_page(_: web.Request) -> web.Response:

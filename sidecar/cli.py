@@ -174,6 +174,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _run_loop(serve)
     except (ConfigError, StartupError) as e:
+        if cfg.log.format == "json":
+            # A log pipeline that reads JSON lines would drop a plain one.
+            log.critical("cannot start: %s", e)
+            return 1
         return _fail(f"cannot start: {e}")
     except KeyboardInterrupt:
         pass

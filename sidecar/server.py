@@ -53,6 +53,7 @@ class Server:
         self.should_exit = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._oldest_pending: float | None = None  # received_at of the oldest pending event
 
     async def serve(self) -> None:
         await self.startup()
@@ -70,6 +71,8 @@ class Server:
         register_secret(api_key)
         await self._open_spool()
         self._export_spool_gauges()
+        # Before the first scrape: it read 0 with a backlog until the first upkeep pass.
+        self._oldest_pending = await self.spool.oldest_pending_received_at()
         await self.client.start()
         self.forwarder.set_api_key(api_key)
         self.forwarder.start()
@@ -139,6 +142,9 @@ class Server:
         m.spool_bytes.set_function(lambda: spool.counts.bytes)
         m.spool_capacity_events.set(self.config.spool.max_events)
         m.spool_capacity_bytes.set(self.config.spool.max_bytes)
+        # The age as of the scrape; the oldest event is looked up by the upkeep pass.
+        m.oldest_pending_age.set_function(
+            lambda: time.time() - self._oldest_pending if self._oldest_pending else 0.0)
 
     async def _listen(self) -> None:
         app = build_app(self.receiver, self.dify, self.spool, self.forwarder, self.metrics)
@@ -189,8 +195,7 @@ class Server:
             await asyncio.sleep(interval)
             try:
                 await self.spool.checkpoint()
-                oldest = await self.spool.oldest_pending_received_at()
-                self.metrics.oldest_pending_age.set(time.time() - oldest if oldest else 0)
+                self._oldest_pending = await self.spool.oldest_pending_received_at()
                 # Cheap (one PRAGMA) unless the CLI changed the file: then a recount.
                 await self.spool.sync_external_changes()
                 now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import tomllib
@@ -325,3 +326,16 @@ def test_a_reader_gone_early_gets_no_traceback(tmp_path: Path) -> None:
         os.close(write_end)
     assert done.returncode == 141
     assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
+
+
+def test_a_start_up_error_is_a_json_line_when_logs_are(tmp_path: Path) -> None:
+    """The Docker image logs JSON: its one start-up error was the only plain line."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(
+        '[server]\nhost = "256.0.0.1"\nport = 0\ningest_token = "token-0123456789"\n'
+        f'[spool]\npath = "{tmp_path / "s.db"}"\n[log]\nformat = "json"\n'
+    )
+    result = cli(tmp_path, "run", "--config", str(config_file))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["level"] == "critical" and line["msg"].startswith("cannot start: server.host")

@@ -315,6 +315,37 @@ async def test_a_reloaded_key_rejected_too_is_said_so(
     assert (await sidecar.get("/readyz"))[1]["status"] == "auth_rejected"
 
 
+async def test_readyz_names_the_failure_and_where_a_redirect_points(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """/readyz said "PrecogX is failing" for a 429 as for a 503, and a redirect (never
+    followed: the key would go along) was logged without where it pointed."""
+    fake.default = Respond(308, headers={"Location": "https://moved.example/api/v1/x"})
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    await post_events(sidecar, 1)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: sidecar.server.forwarder.state == "upstream_failing")
+    status, ready = await sidecar.get("/readyz")
+    assert (status, ready["status"]) == (503, "upstream_failing")
+    assert ready["last_failure"].startswith(
+        "HTTP 308: Location: https://moved.example/api/v1/x")
+
+
+async def test_a_removed_key_is_no_longer_reported_as_rejected(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.api_keys = {"px_other_key"}
+    monkeypatch.setenv("PRECOGX_API_KEY", TEST_KEY)
+    sidecar = await start_sidecar(upstream={"api_key_file": ""})
+    await post_events(sidecar, 1)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: sidecar.server.forwarder.auth_rejected)
+    monkeypatch.delenv("PRECOGX_API_KEY")
+    sidecar.server.reload_api_key()
+    assert (await sidecar.get("/readyz"))[1]["status"] == "no_api_key"
+    assert await metric(sidecar, "precogx_sidecar_upstream_auth_failed") == 0
+
+
 async def test_a_401_for_the_key_replaced_meanwhile_sends_again_with_the_new_one(
     start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any
 ) -> None:

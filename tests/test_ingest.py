@@ -495,6 +495,21 @@ async def test_drop_oldest_evicts_and_counts(
     ]
 
 
+async def test_oldest_pending_age_is_shown_from_the_start(
+    start_sidecar: StartSidecar,
+) -> None:
+    """After a restart it read 0 with a backlog until the first upkeep pass."""
+    first = await start_sidecar(upstream={"api_key_file": ""})
+    assert (await first.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    await first.stop()
+    second = await start_sidecar(
+        upstream={"api_key_file": ""}, spool={"checkpoint_interval_s": 3600.0})
+    _, metrics = await second.get("/metrics")
+    age = next(float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith("precogx_sidecar_oldest_pending_age_seconds "))
+    assert age > 0
+
+
 async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:
     assert await sidecar.get("/healthz") == (200, {"status": "alive"})
     status, ready = await sidecar.get("/readyz")

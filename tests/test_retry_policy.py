@@ -289,6 +289,8 @@ def test_retry_after_unicode_digits_are_ignored(value: str) -> None:
         (Outcome(status=500), "http_5xx"),
         (Outcome(status=503), "http_5xx"),
         (Outcome(status=599), "http_5xx"),
+        (Outcome(status=600), "http_other"),
+        (Outcome(status=999), "http_other"),
         (Outcome(status=302), "http_other"),
         (Outcome(status=304), "http_other"),
         (Outcome(status=101), "http_other"),

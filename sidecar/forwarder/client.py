@@ -72,10 +72,14 @@ class UpstreamClient:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
+                excerpt = await _excerpt(response)
+                if 300 <= response.status < 400 and "Location" in response.headers:
+                    # Redirects are not followed (the key would go along): say where to.
+                    excerpt = f"Location: {response.headers['Location']}; {excerpt}"
                 return Outcome(
                     status=response.status,
                     retry_after=response.headers.get("Retry-After"),
-                    body=await _excerpt(response),
+                    body=excerpt,
                 )
         except TimeoutError:
             return Outcome(error="timeout", body=f"no answer within {self.config.timeout_s}s")

@@ -60,6 +60,7 @@ class Forwarder:
         self.batch_events = upstream.batch_max_events if upstream.mode == "batch" else 1
         self.state = "starting"  # so that start() logs where it forwards to
         self.auth_rejected = False
+        self.last_failure: str | None = None  # the latest failed request, for /readyz
         self._rejected_key = ""
         self._reloaded = False  # a new key came while the last was rejected
         self._key_ready = asyncio.Event()
@@ -93,6 +94,7 @@ class Forwarder:
             self._key_ready.set()
         else:
             self._key_ready.clear()
+            self._auth_accepted()  # no key is left that PrecogX rejects
         if self.auth_rejected:
             # Probe at once, even with the same key: its permissions may have been fixed
             # upstream. The state stays until the probe's answer says what it is.
@@ -293,6 +295,7 @@ class Forwarder:
             await self._dead_letter(part, decision.reason, outcome, ticket)
             return True
         self._count_failure(outcome)
+        self.last_failure = _describe(outcome)
         delay = decision.delay_s
         if isinstance(decision, PauseAuth):
             self._auth_failed(outcome)
@@ -321,6 +324,7 @@ class Forwarder:
         """A 2xx, or a verdict on the events: the upstream works and took the key."""
         self.circuit.record_success(ticket)
         self._auth_accepted()
+        self.last_failure = None
         self._refresh_state()
 
     def _auth_accepted(self) -> None:

@@ -118,7 +118,7 @@ def failure_reason(outcome: Outcome) -> str:
         return "http_429"
     if 400 <= status < 500:
         return "http_4xx"
-    if status >= 500:
+    if 500 <= status < 600:
         return "http_5xx"
     return "http_other"
 
