@@ -23,6 +23,7 @@ READY_DETAIL = {
     "auth_rejected": "accepting events; PrecogX rejects the API key, forwarding is paused",
     "spool_full": "refusing events: the spool is full",
     "spool_unwritable": "refusing events: the spool cannot commit",
+    "disk_low": "refusing events: the spool's disk has less than spool.min_free_bytes free",
     "spool_stalled": "events wait: a spool commit has not finished for seconds (the disk stalls)",
     "shutting_down": "shutting down",
 }
@@ -35,6 +36,8 @@ def readiness(receiver: IngestReceiver, spool: Spool, forwarder: Forwarder) -> s
         return "spool_unwritable"
     if spool.stalled_since is not None:
         return "spool_stalled"
+    if spool.disk_low is not None:
+        return "disk_low"
     # Under drop_oldest a full spool still takes events, while it has pending ones to
     # evict: those in flight are not.
     if spool.is_full() and (spool.config.when_full == "reject" or spool.unclaimed <= 0):

@@ -71,7 +71,8 @@ class Server:
         register_secret(api_key)
         await self._open_spool()
         self._export_spool_gauges()
-        # Before the first scrape: it read 0 with a backlog until the first upkeep pass.
+        # Before the first request and scrape, not at the first upkeep pass.
+        self.spool.check_free_space()
         self._oldest_pending = await self.spool.oldest_pending_received_at()
         await self.client.start()
         self.forwarder.set_api_key(api_key)
@@ -195,6 +196,7 @@ class Server:
             await asyncio.sleep(interval)
             try:
                 await self.spool.checkpoint()
+                self.spool.check_free_space()
                 self._oldest_pending = await self.spool.oldest_pending_received_at()
                 # Cheap (one PRAGMA) unless the CLI changed the file: then a recount.
                 await self.spool.sync_external_changes()

@@ -510,6 +510,28 @@ async def test_oldest_pending_age_is_shown_from_the_start(
     assert age > 0
 
 
+async def test_a_disk_nearly_full_refuses_new_events_until_there_is_room(
+    start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a disk filled to the last byte no delivery could be recorded either (a delete
+    needs room in the WAL): the same batch went upstream again and again. Under
+    spool.min_free_bytes new events are refused instead, and deliveries go on."""
+    sidecar = await start_sidecar(spool={"min_free_bytes": 2**52}, upstream={"api_key_file": ""})
+    status, answer = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    assert (status, answer["error"]["code"]) == (503, "SPOOL_FULL")
+    assert "MiB free, less than spool.min_free_bytes" in answer["error"]["message"]
+    assert (await sidecar.get("/readyz"))[1]["status"] == "disk_low"
+    assert stored_rows(sidecar) == []
+    spool = sidecar.server.spool
+    caplog.set_level(logging.INFO, logger="sidecar")
+    spool.config.min_free_bytes = 1  # room again, as the next upkeep pass finds it
+    spool.check_free_space()
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    messages = [r.getMessage() for r in caplog.records if "disk holding the spool" in
+                r.getMessage()]
+    assert len(messages) == 2 and messages[1].endswith("room again: accepting events")
+
+
 async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:
     assert await sidecar.get("/healthz") == (200, {"status": "alive"})
     status, ready = await sidecar.get("/readyz")

@@ -29,6 +29,7 @@ from sidecar.receivers.form import FORM_TYPE, interaction_of_form
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
 from sidecar.redaction.stage import RedactionStage, without_own_secrets
 from sidecar.spool import (
+    DiskLow,
     IdempotencyKeyReused,
     LargerThanSpool,
     Spool,
@@ -174,11 +175,13 @@ class IngestReceiver:
     def _refusal(self, error: Exception) -> Rejection:
         """What the client is told when the spool did not take its events."""
         if isinstance(error, SpoolFull):
-            self._spool_full(True)
+            if isinstance(error, DiskLow):  # the spool logged it
+                why = str(error)
+            else:
+                self._spool_full(True)
+                why = "the spool is full (spool.max_events / spool.max_bytes)"
             return Rejection(
-                503, "SPOOL_FULL",
-                "the spool is full (spool.max_events / spool.max_bytes); nothing was stored, "
-                "retry later",
+                503, "SPOOL_FULL", f"{why}; nothing was stored, retry later",
                 "spool_full", headers={"Retry-After": RETRY_AFTER_S},
             )
         if isinstance(error, LargerThanSpool):

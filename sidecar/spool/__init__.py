@@ -2,6 +2,7 @@
 
 from sidecar.spool.schema import SpoolVersionError
 from sidecar.spool.store import (
+    DiskLow,
     IdempotencyKeyReused,
     LargerThanSpool,
     Spool,
@@ -13,6 +14,7 @@ from sidecar.spool.store import (
 )
 
 __all__ = [
+    "DiskLow",
     "IdempotencyKeyReused",
     "LargerThanSpool",
     "Spool",

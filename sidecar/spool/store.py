@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.config import SpoolConfig
+from sidecar.config import MIB, SpoolConfig
 from sidecar.logs import Summarised
 from sidecar.spool.connection import DbThread
 from sidecar.spool.schema import (
@@ -53,6 +53,10 @@ COMMIT_STALL_S = 5.0
 
 class SpoolFull(Exception):
     """Not enough room for the events; nothing of the request was stored."""
+
+
+class DiskLow(SpoolFull):
+    """The disk holding the spool has less than spool.min_free_bytes free."""
 
 
 class LargerThanSpool(Exception):
@@ -137,6 +141,11 @@ class Spool:
     data_ready: asyncio.Event = field(default_factory=asyncio.Event)
     unclaimed_since: float | None = None
     write_error: str | None = None
+    # Free bytes on the spool's disk when under spool.min_free_bytes, else None: new
+    # events are refused, so that deletes and checkpoints (which need room in the WAL
+    # and the file) still work. A disk filled to the last byte recorded no delivery, and
+    # the same batch went upstream again and again.
+    disk_low: int | None = None
     # When the commit now running began, once it has run COMMIT_STALL_S; else None.
     stalled_since: float | None = None
 
@@ -274,6 +283,12 @@ class Spool:
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(SpoolUnavailable("shutting down"))
+            return future
+        if self.disk_low is not None:
+            future.set_exception(DiskLow(
+                f"the disk holding the spool has {self.disk_low // MIB} MiB free, less than "
+                f"spool.min_free_bytes = {self.config.min_free_bytes}"
+            ))
             return future
         size = sum(map(len, payloads))
         if len(ids) > self.config.max_events or size > self.config.max_bytes:
@@ -423,6 +438,23 @@ class Spool:
         ).fetchall()
         _delete_events(db, [(r[0],) for r in rows])
         return len(rows), sum(r[1] for r in rows)
+
+    def check_free_space(self) -> None:
+        """Look at the disk's free space (one statvfs); logs each change of disk_low."""
+        reserve = self.config.min_free_bytes
+        low = None
+        if reserve:
+            st = os.statvfs(self._path.parent)
+            free = st.f_bavail * st.f_frsize
+            low = free if free < reserve else None
+        if (low is None) != (self.disk_low is None):
+            if low is not None:
+                log.error("the disk holding the spool has %d MiB free, less than "
+                          "spool.min_free_bytes: refusing events until there is room",
+                          low // MIB)
+            else:
+                log.info("the disk holding the spool has room again: accepting events")
+        self.disk_low = low
 
     async def oldest_pending_received_at(self) -> float | None:
         sql = "SELECT received_at FROM events WHERE state = 'pending' ORDER BY id LIMIT 1"
