@@ -277,7 +277,11 @@ async def test_a_spool_path_that_cannot_be_checked_keeps_its_commit(
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(store, "_identity", denied)
+    # What makes a directory unsearchable (chmod) changes its times, as any file added
+    # beside the spool does: the files are looked at then, not at every commit.
+    (tmp_path / "beside").touch()
     assert await put(s, 2) == [1, 2]
+    assert s._unverifiable  # the files were looked at, and could not be
     assert s.counts.pending == 2 and s.write_error is None
     monkeypatch.undo()
     await s.close()

@@ -173,7 +173,13 @@ class Spool:
         # Device and inode of the open file, its -wal and its -shm.
         self._files: tuple[tuple[int, int] | None, ...] | None = None
         self._unverifiable = False  # stat() of spool.path failed for a reason besides ENOENT
-        self._real = self._path
+        # The file through spool.path (symlinks followed), its -wal and -shm (SQLite names
+        # those after the resolved path), as strings: this is looked at after every commit.
+        self._watched: tuple[str, ...] = (str(self._path),)
+        # Their directories' inode and times: unchanged, nothing in them was added,
+        # removed or renamed, and one stat a commit spares the three of the files.
+        self._dirs: tuple[str, ...] = ()
+        self._dir_stamps: tuple[_Stamp | None, ...] = ()
         self._replaced = False
 
     # -- life cycle ------------------------------------------------------------
@@ -189,8 +195,11 @@ class Spool:
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
-            self._real = self._path.resolve()
-            self._files = _identities(self._path, self._real)
+            real = self._path.resolve()
+            self._watched = (str(self._path), f"{real}-wal", f"{real}-shm")
+            self._dirs = tuple(dict.fromkeys((str(self._path.parent), str(real.parent))))
+            self._dir_stamps = _stamps(self._dirs)  # first: a change after it shows
+            self._files = _identities(self._watched)
             _record_side_files(self._lock, self._files)
             await self._reader_db.start()
         except BaseException:
@@ -657,7 +666,10 @@ class Spool:
         it held is gone at the next start (the file), lost at a crash (the -wal), or a
         CLI's write is mixed with the sidecar's and the file corrupted (-wal, -shm)."""
         try:
-            now = _identities(self._path, self._real)
+            stamps = _stamps(self._dirs)
+            if stamps == self._dir_stamps and not self._replaced:
+                return
+            now = _identities(self._watched)
         except OSError as e:
             # EACCES on the directory, say: this cannot tell, and the commit did happen;
             # refusing it would answer 503 "nothing was stored" for stored events.
@@ -668,7 +680,9 @@ class Spool:
             return
         self._unverifiable = False
         self._replaced = now != self._files
-        if self._replaced:
+        if not self._replaced:
+            self._dir_stamps = stamps  # another file came or went beside the spool
+        else:
             names = [n for n, a, b in zip(("", "-wal", "-shm"), now, self._files or (), strict=True)
                      if a != b]
             which = ", ".join(f"{self._path}{n}" for n in names)
@@ -867,18 +881,35 @@ def _count(db: Db) -> SpoolCounts:
     return counts
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: str | Path) -> tuple[int, int] | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
 
 
-def _identities(path: Path, real: Path) -> tuple[tuple[int, int] | None, ...]:
-    """The file's (through spool.path, symlinks followed), its -wal's and its -shm's
-    (SQLite names those after the resolved path, ``real``)."""
-    return (_identity(path), _identity(Path(f"{real}-wal")), _identity(Path(f"{real}-shm")))
+def _identities(paths: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
+    return tuple([_identity(path) for path in paths])
+
+
+_Stamp = tuple[int, int, int]
+
+
+def _stamps(dirs: tuple[str, ...]) -> tuple[_Stamp | None, ...]:
+    """Inode, modification and change time (ns) of each directory: any file added,
+    removed or renamed in one changes them. (Times tick coarsely, every few ms: a change
+    within the same tick as the last one seen could hide; the file's own check at the
+    next change in the directory then still finds it.)"""
+    stamps: list[_Stamp | None] = []
+    for path in dirs:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamps)
 
 
 def _record_side_files(lock: int, files: tuple[tuple[int, int] | None, ...]) -> None:
