@@ -177,7 +177,10 @@ async def test_other_content_types_get_415(
     assert status == 415
     assert "application/json" in answer["error"]["message"]
     # Form fields are one interaction's: a batch is JSON only.
-    assert (f"{FORM} for form fields" in answer["error"]["message"]) == (path == SINGLE)
+    message = answer["error"]["message"]
+    assert (f"{FORM} for form fields" in message) == (path == SINGLE)
+    assert (f"{FORM} is taken on the single-interaction paths only" in message) == (
+        path == BATCH)
     assert stored_rows(sidecar) == []
 
 
@@ -235,7 +238,8 @@ async def test_form_fields_are_checked(
 
 
 @pytest.mark.parametrize(("body", "problem"), [
-    (b"agentId=a&prompt", "a field has no '='"),
+    (b"agentId=a&prompt", "a field is empty or has no '='"),
+    (b"agentId=a&prompt=p&response=r&", "a field is empty or has no '='"),
     (b"agentId=%ff&prompt=p&response=r", "a field is not UTF-8"),
     (b"agentId=\xff", "a field is not UTF-8"),
     (b"&".join(b"metadata.k%d=v" % i for i in range(1001)), "more than 1000 fields"),
@@ -248,6 +252,26 @@ async def test_an_unreadable_form_is_a_400_that_echoes_no_value(
     assert answer["error"]["message"].startswith(f"form body cannot be read: {problem}")
     assert "prompt" not in answer["error"]["message"]
     assert stored_rows(sidecar) == []
+
+
+async def test_the_sidecars_own_token_in_a_form_field_is_masked(
+    start_sidecar: StartSidecar,
+) -> None:
+    """Encoded in a form, a base64 token's "+", "/" and "=" hid it from the search in the
+    body's bytes: it was stored and forwarded in clear."""
+    token = "Zm9v+YmFy/YmF6Lm9yZw="
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    async with sidecar.session.post(
+        sidecar.url + SINGLE, headers={"x-api-key": token},
+        data=aiohttp.FormData([("agentId", "a"), ("prompt", f"my token is {token}"),
+                               ("response", "r"), (f"metadata.{token}", "as a name too")]),
+    ) as response:
+        assert response.status == 202
+    (_, _, payload), = stored_rows(sidecar)
+    assert token.encode() not in payload
+    stored = orjson.loads(payload)
+    assert stored["prompt"] == "my token is [REDACTED:sidecar_secret]"
+    assert stored["metadata"]["[REDACTED:sidecar_secret]"] == "as a name too"
 
 
 async def test_credentials_in_form_fields_are_masked(sidecar: Sidecar) -> None:

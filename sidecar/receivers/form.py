@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from sidecar.receivers.validation import OPTIONAL_IDS, Rejection, validate_interaction
+from sidecar.redaction.stage import text_without_own_secrets
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 FIELDS = frozenset(("agentId", "prompt", "response", *OPTIONAL_IDS))
@@ -28,7 +29,10 @@ MAX_NAME_SHOWN = 100
 def interaction_of_form(body: bytes) -> dict[str, Any]:
     item: dict[str, Any] = {}
     metadata: dict[str, str] = {}
-    for name, value in _fields(body):
+    for raw_name, value in _fields(body):
+        # Masked once decoded: percent-encoded, a token's "+", "/" or "=" hid it from the
+        # search in the body's bytes. The name first: an error message shows it.
+        name = text_without_own_secrets(raw_name)
         in_metadata = name.startswith(METADATA)
         holder, key = (metadata, name[len(METADATA):]) if in_metadata else (item, name)
         if not key or (holder is item and name not in FIELDS):
@@ -36,7 +40,7 @@ def interaction_of_form(body: bytes) -> dict[str, Any]:
                              f"{', '.join(sorted(FIELDS))} or metadata.<key>")
         if key in holder:
             raise _bad_field(name, f"form field {_shown(name)} is given more than once")
-        holder[key] = value
+        holder[key] = text_without_own_secrets(value)
     if metadata:
         item["metadata"] = metadata
     return validate_interaction(item)
@@ -53,7 +57,8 @@ def _fields(body: bytes) -> list[tuple[str, str]]:
         problem = "a field is not UTF-8 (percent-encoded or not)"
     except ValueError as e:
         problem = (f"more than {MAX_FIELDS} fields" if str(e).startswith("Max number")
-                   else "a field has no '=' (fields are name=value, joined by '&')")
+                   else "a field is empty or has no '=' (fields are name=value, joined by "
+                   "'&', none empty)")
     raise Rejection(400, "INVALID_BODY", f"form body cannot be read: {problem}",
                     "invalid_body")
 

@@ -27,7 +27,7 @@ from sidecar.receivers.common import (
 )
 from sidecar.receivers.form import FORM_TYPE, interaction_of_form
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
-from sidecar.redaction.stage import RedactionStage, without_own_secrets
+from sidecar.redaction.stage import RedactionStage
 from sidecar.spool import (
     DiskLow,
     IdempotencyKeyReused,
@@ -101,10 +101,10 @@ class IngestReceiver:
     async def _handle(self, request: web.Request, *, endpoint: str, batch: bool) -> web.Response:
         try:
             form = self._admit(request, batch)
-            # Credentials are masked before anything else reads the body (in a form, once
-            # it is parsed: the masking in the body reads it as JSON).
+            # Credentials are masked before anything else reads the body (in a form, as it
+            # is parsed: encoded, they hide from a search in its bytes).
             raw = await self._read(request)
-            body, secrets = (without_own_secrets(raw), None) if form else self.redact.mask_body(raw)
+            body, secrets = (raw, None) if form else self.redact.mask_body(raw)
             key = _idempotency_key(request)
             if form:
                 items = [interaction_of_form(body)]
@@ -252,7 +252,8 @@ def _fingerprint(body: bytes) -> str:
 
 
 def _unsupported(content_type: str, batch: bool) -> Rejection:
-    form = "" if batch else f"; {FORM_TYPE} for form fields"
+    form = (f"; {FORM_TYPE} is taken on the single-interaction paths only" if batch
+            else f"; {FORM_TYPE} for form fields")
     return Rejection(
         415, "UNSUPPORTED_MEDIA_TYPE",
         f"Content-Type must be application/json (or text/plain holding JSON{form}), "
