@@ -13,6 +13,7 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -72,8 +73,8 @@ class Server:
         await self._open_spool()
         self._export_spool_gauges()
         # Before the first request and scrape, not at the first upkeep pass.
-        self.spool.check_free_space()
-        self._oldest_pending = await self.spool.oldest_pending_received_at()
+        await self.spool.check_free_space()
+        await self._track_oldest()
         await self.client.start()
         self.forwarder.set_api_key(api_key)
         self.forwarder.start()
@@ -188,27 +189,34 @@ class Server:
     # -- background upkeep -------------------------------------------------------
 
     async def _maintain(self) -> None:
-        """Checkpoint the WAL, track the oldest pending event, notice CLI edits, prune keys."""
+        """Checkpoint the WAL, watch the disk, track the oldest pending event, notice CLI
+        edits, prune keys: each on its own, so that one failing (a checkpoint, say) does
+        not stop the others."""
         interval = self.config.spool.checkpoint_interval_s
         last_prune = time.monotonic()
-        failing: str | None = None
+        failing: dict[str, str] = {}  # step -> its error, one line per change
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self.spool.checkpoint()
-                self.spool.check_free_space()
-                self._oldest_pending = await self.spool.oldest_pending_received_at()
+            steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("checkpoint", self.spool.checkpoint),
+                ("free space check", self.spool.check_free_space),
+                ("oldest event lookup", self._track_oldest),
                 # Cheap (one PRAGMA) unless the CLI changed the file: then a recount.
-                await self.spool.sync_external_changes()
-                now = time.monotonic()
-                if now - last_prune >= PRUNE_EVERY_S:
-                    last_prune = now
-                    await self.spool.prune_idempotency_keys()
-            except (sqlite3.Error, OSError, SpoolUnavailable) as e:
-                if str(e) != failing:  # one line per change, not one per interval
-                    log.warning("spool maintenance failed (will retry): %s", e)
-                failing = str(e)
-            else:
-                if failing is not None:
-                    log.info("spool maintenance works again")
-                failing = None
+                ("recount", self.spool.sync_external_changes),
+            ]
+            if time.monotonic() - last_prune >= PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                steps.append(("key pruning", self.spool.prune_idempotency_keys))
+            for name, step in steps:
+                try:
+                    await step()
+                except (sqlite3.Error, OSError, SpoolUnavailable) as e:
+                    if failing.get(name) != str(e):
+                        log.warning("spool maintenance: %s failed (will retry): %s", name, e)
+                    failing[name] = str(e)
+                else:
+                    if failing.pop(name, None) is not None:
+                        log.info("spool maintenance: %s works again", name)
+
+    async def _track_oldest(self) -> None:
+        self._oldest_pending = await self.spool.oldest_pending_received_at()

@@ -485,7 +485,7 @@ async def test_spool_failures_are_logged_once_per_change(
     await enough.wait()
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "spool commit failed" in m]) == 1
-    assert len([m for m in messages if "spool maintenance failed" in m]) == 1
+    assert len([m for m in messages if "maintenance: checkpoint failed" in m]) == 1
 
 
 async def test_batch_that_does_not_fit_is_refused_whole(start_sidecar: StartSidecar) -> None:
@@ -549,7 +549,7 @@ async def test_a_disk_nearly_full_refuses_new_events_until_there_is_room(
     spool = sidecar.server.spool
     caplog.set_level(logging.INFO, logger="sidecar")
     spool.config.min_free_bytes = 1  # room again, as the next upkeep pass finds it
-    spool.check_free_space()
+    await spool.check_free_space()
     assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
     messages = [r.getMessage() for r in caplog.records if "disk holding the spool" in
                 r.getMessage()]

@@ -577,3 +577,47 @@ async def test_spool_stats_is_one_snapshot(spool: Spool, tmp_path: Path) -> None
         stats = admin.stats(db)
     writer.close()
     assert sum(stats["dead_by_reason"].values()) == stats["events"]["dead"]
+
+
+class FakeDisk:
+    """os.statvfs for the spool's directory, with as many free bytes as the test says."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, _path: str) -> object:
+        return type("StatVfs", (), {"f_bavail": self.free, "f_frsize": 1})()
+
+
+async def test_room_in_the_spool_file_counts_and_low_has_a_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite keeps the pages of delivered events for new ones instead of giving them back
+    to the disk: counting only the disk, a drained spool stayed disk_low for good. And
+    free space hovering at the line flipped it every pass."""
+    import sidecar.spool.store as store
+
+    mib = 1024 * 1024
+    s = Spool(SpoolConfig(path=str(tmp_path / "s.db"), min_free_bytes=100 * mib))
+    await s.open()
+    ids = s.allocate_ids(40)
+    await s.append(ids, [b'{"x": "%s"}' % (b"y" * 256 * 1024) for _ in ids])
+    with sqlite3.connect(tmp_path / "s.db") as db:  # delivered, as the CLI would purge
+        db.execute("DELETE FROM events")
+    freed = await s._reader_db.call(store._free_pages_bytes)
+    assert freed >= 10 * mib
+    disk = FakeDisk(100 * mib - freed // 2)
+    monkeypatch.setattr(store.os, "statvfs", disk)
+    await s.check_free_space()
+    assert s.disk_low is None  # the disk alone is under the line; with the pages, not
+    disk.free = 90 * mib - freed
+    await s.check_free_space()
+    assert s.disk_low == 90 * mib
+    disk.free = 110 * mib - freed  # above the line, but within the margin: still low
+    await s.check_free_space()
+    assert s.disk_low == 110 * mib
+    disk.free = 130 * mib - freed
+    await s.check_free_space()
+    assert s.disk_low is None
+    monkeypatch.undo()
+    await s.close()

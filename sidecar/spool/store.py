@@ -448,14 +448,21 @@ class Spool:
         _delete_events(db, [(r[0],) for r in rows])
         return len(rows), sum(r[1] for r in rows)
 
-    def check_free_space(self) -> None:
-        """Look at the disk's free space (one statvfs); logs each change of disk_low."""
+    async def check_free_space(self) -> None:
+        """Look at the room left for the spool; logs each change of disk_low.
+
+        The room is the disk's free space plus the file's own free pages: SQLite keeps the
+        pages delivered events freed for new ones rather than giving them back, so after a
+        backlog drained the disk still looks full. Low below spool.min_free_bytes; room
+        again only from a quarter above it, so that hovering at the line does not flip
+        events between refused and accepted every pass."""
         reserve = self.config.min_free_bytes
         low = None
         if reserve:
-            st = os.statvfs(self._path.parent)
-            free = st.f_bavail * st.f_frsize
-            low = free if free < reserve else None
+            st = os.statvfs(os.path.dirname(self._watched[-1]) or ".")  # where the -wal is
+            free = st.f_bavail * st.f_frsize + await self._reader_db.call(_free_pages_bytes)
+            line = reserve if self.disk_low is None else reserve + reserve // 4
+            low = free if free < line else None
         if (low is None) != (self.disk_low is None):
             if low is not None:
                 log.error("the disk holding the spool has %d MiB free, less than "
@@ -887,6 +894,11 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _free_pages_bytes(db: Db) -> int:
+    pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages) * int(db.execute("PRAGMA page_size").fetchone()[0])
 
 
 def _identities(paths: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
