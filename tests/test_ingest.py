@@ -625,6 +625,10 @@ async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
     os.unlink(sidecar.config.spool.path)
     status, body = await sidecar.post(SINGLE, EXAMPLE_EVENT)
     assert status == 503 and body["error"]["code"] == "SPOOL_UNAVAILABLE"
+    # Committed, into a file found gone just after: not "nothing was stored".
+    assert "may be kept or lost" in body["error"]["message"]
+    status, body = await sidecar.post(SINGLE, EXAMPLE_EVENT)  # refused before the commit
+    assert "nothing was stored" in body["error"]["message"]
     status, ready = await sidecar.get("/readyz")
     assert status == 503 and ready["status"] == "spool_unwritable"
 

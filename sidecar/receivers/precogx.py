@@ -199,11 +199,13 @@ class IngestReceiver:
                 "key (for a Dify workflow: {{#sys.workflow_run_id#}} plus the node's name)",
                 "idempotency_key_reused",
             )
-        return Rejection(
-            503, "SPOOL_UNAVAILABLE",
-            "the events could not be committed to the spool; nothing was stored, retry later",
-            "spool_error", headers={"Retry-After": RETRY_AFTER_S},
-        )
+        outcome = "the events could not be committed to the spool; nothing was stored"
+        if isinstance(error, SpoolUnavailable) and error.maybe_stored:
+            # Answered as stored, a crash before the next clean shutdown would lose them.
+            outcome = ("the spool's files were replaced under the sidecar just after the "
+                       "commit: the events may be kept or lost (a retry may store them twice)")
+        return Rejection(503, "SPOOL_UNAVAILABLE", f"{outcome}; retry later", "spool_error",
+                         headers={"Retry-After": RETRY_AFTER_S})
 
     def _spool_full(self, full: bool) -> None:
         """One log line per change, never one per refused request."""

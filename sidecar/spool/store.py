@@ -64,7 +64,13 @@ class LargerThanSpool(Exception):
 
 
 class SpoolUnavailable(Exception):
-    """The spool could not commit (disk full, I/O error, shutting down); nothing was stored."""
+    """The spool could not commit (disk full, I/O error, shutting down); nothing was stored,
+    unless ``maybe_stored``: committed into a file found replaced right after, which a
+    clean shutdown keeps and a crash loses."""
+
+    def __init__(self, message: str, maybe_stored: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_stored = maybe_stored
 
 
 class SpoolInUse(Exception):
@@ -574,6 +580,7 @@ class Spool:
         # After a failure, only a group that really wrote proves the spool commits again:
         # a read-only op (or BEGIN/COMMIT) succeeds on a read-only file too.
         probe = self.write_error is not None
+        committed = False
         try:
             if self._replaced:
                 # Known to be replaced: check before writing, so that refused requests
@@ -582,13 +589,14 @@ class Spool:
             result = await self._writer_db.call(
                 lambda db: self._transaction(db, appends, ops, counts, inflight, checkpoint, probe)
             )
+            committed = True
             # Here, not in the connection's thread: there the stat would hand the GIL
             # to the busy event loop and wait (up to a switch interval) to get it back.
             self._check_file()
         except Exception as e:  # whatever it is, the writer must go on
             # sqlite3 and OS errors above all, but anything a bad value raises in binding
             # too: those requests are refused, and the spool keeps taking the others.
-            self._fail(appends, ops, e)
+            self._fail(appends, ops, e, maybe_stored=committed)
             return
         finally:
             watchdog.cancel()
@@ -708,7 +716,10 @@ class Spool:
             and counts[1] + sum(a.size for a in appends) <= self.config.max_bytes
         )
 
-    def _fail(self, appends: list[_Append], ops: list[_Op], error: BaseException) -> None:
+    def _fail(
+        self, appends: list[_Append], ops: list[_Op], error: BaseException,
+        maybe_stored: bool = False,
+    ) -> None:
         failure = f"{type(error).__name__}: {error}"
         if failure != self.write_error:  # one line per change, not one per commit
             log.error("spool commit failed, requests refused until it commits again: %s",
@@ -718,7 +729,7 @@ class Spool:
         futures += [op.future for op in ops]
         for future in futures:
             if not future.done():
-                future.set_exception(SpoolUnavailable(self.write_error))
+                future.set_exception(SpoolUnavailable(self.write_error, maybe_stored))
 
     def _admit(
         self, db: Db, appends: list[_Append], counts: tuple[int, int],
