@@ -366,8 +366,10 @@ def _dead_replay(args: argparse.Namespace) -> int:
         return _fail(problem)
 
     def work(db: Any) -> int:
-        n = admin.replay(db, _selection(args), _progress("replayed"))
-        print(f"{n} dead letters back to pending; the running sidecar sends them within seconds")
+        max_age_s = _load(args).retry.max_age_s
+        n = admin.replay(db, _selection(args), _progress("replayed"), max_age_s)
+        print(f"{n} dead letters back to pending; a running sidecar sends them within "
+              "seconds, a stopped one when it starts")
         return 0
 
     return _with_spool(args, work)

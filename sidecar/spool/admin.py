@@ -159,17 +159,19 @@ Progress = Callable[[int, int], None]
 
 
 def replay(
-    db: sqlite3.Connection, selection: Selection, progress: Progress, now: float | None = None
+    db: sqlite3.Connection, selection: Selection, progress: Progress, max_age_s: float,
+    now: float | None = None,
 ) -> int:
-    """Back to pending with attempts reset: the sidecar sends them again. An expired one
-    counts its age (retry.max_age_s) from now: kept as it was, the sidecar would make
-    it a dead letter again before sending it."""
+    """Back to pending with attempts reset: the sidecar sends them again. One that expired,
+    or is older than ``max_age_s`` (retry.max_age_s) by now, counts its age from now:
+    kept as it was, the sidecar would make it a dead letter again before sending it."""
     now = time.time() if now is None else float(now)
+    cutoff = now - float(max_age_s)
     return _in_chunks(
         db, selection, progress,
         "UPDATE events SET state = 'pending', attempts = 0, next_attempt_at = 0, "
-        f"received_at = CASE WHEN dead_reason = 'expired' THEN {now!r} ELSE received_at END, "
-        "dead_reason = NULL, dead_at = NULL WHERE id = ?",
+        f"received_at = CASE WHEN dead_reason = 'expired' OR received_at < {cutoff!r} "
+        f"THEN {now!r} ELSE received_at END, dead_reason = NULL, dead_at = NULL WHERE id = ?",
     )
 
 
