@@ -301,6 +301,26 @@ async def test_shutdown_records_open_conversations(start_sidecar: StartSidecar) 
     ]
 
 
+async def test_two_chats_with_the_same_answer_are_two_interactions(
+    start_sidecar: StartSidecar,
+) -> None:
+    """The second chat's identical answer "continued" the first one's stream: its input
+    waited unanswered, and every later pairing of the app was shifted by one."""
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 3600.0, "input_wait_s": 3600.0},
+        upstream={"api_key_file": ""},
+    )
+    for query in ("hello there", "hi again"):
+        await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": query})
+        await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "Hello! How can"})
+        await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "Hello! How can"})
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        stored = [orjson.loads(r[0]) for r in db.execute("SELECT payload FROM events")]
+    assert sorted((e["prompt"], e["response"]) for e in stored) == [
+        ("hello there", "Hello! How can"), ("hi again", "Hello! How can")]
+
+
 async def test_an_unwritable_conversation_is_refused_alone(
     sidecar: Sidecar, fake: FakePrecogX
 ) -> None:

@@ -114,14 +114,19 @@ class Pairing:
                 self.answered.append(conversation)
             return
         streams = self.streaming.setdefault(app_id, [])
+        waiting = self.waiting.get(app_id)
         for stream in streams:
             assert stream.text is not None
             if text.startswith(stream.text) or stream.text.startswith(text):
+                if len(text) <= len(stream.text) and waiting and (
+                        waiting[0].touched > stream.touched):
+                    # No growth, and a chat began since this stream last grew: the same
+                    # short answer ("Hello! How can I help?") to that chat, not a re-send.
+                    break
                 if len(text) > len(stream.text):
                     stream.text = text
                 stream.touched = time.monotonic()
                 return
-        waiting = self.waiting.get(app_id)
         stream = waiting.popleft() if waiting else Conversation(app_id, "", {})
         stream.text = text
         stream.touched = time.monotonic()
