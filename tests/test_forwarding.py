@@ -441,7 +441,7 @@ async def test_expired_events_are_dead_lettered_not_sent(
 
 
 async def test_a_hold_whose_events_all_expired_does_not_say_failing_for_good(
-    start_sidecar: StartSidecar, fake: FakePrecogX
+    start_sidecar: StartSidecar, fake: FakePrecogX, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With nothing left to send, no probe ever went: /readyz said upstream_failing (and
     circuit_open stayed 1) after PrecogX had recovered, until the next event."""
@@ -455,13 +455,23 @@ async def test_a_hold_whose_events_all_expired_does_not_say_failing_for_good(
 
     def logged(state: str, outcome: Any) -> None:
         states.append(state)
-        if state == "ok" and "upstream_failing" in states:
-            closed.set()
         log_change(state, outcome)
 
+    refresh = forwarder._refresh_state
+
+    def refreshed(outcome: Any = None, announce: bool = True) -> None:
+        refresh(outcome, announce)
+        if forwarder.state == "ok" and "upstream_failing" in states:
+            closed.set()
+
     forwarder._log_state_change = logged  # type: ignore[method-assign]
+    forwarder._refresh_state = refreshed  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="sidecar")
     await post_events(sidecar, 3)
     await asyncio.wait_for(closed.wait(), 30)
+    # Not "upstream recovered": PrecogX still fails, there is just nothing left to send.
+    assert states == ["upstream_failing"]
+    assert any("nothing left to retry" in r.getMessage() for r in caplog.records)
     assert sidecar.server.spool.counts.dead == 3
     status, ready = await sidecar.get("/readyz")
     assert (status, ready["status"]) == (200, "ok")

@@ -365,7 +365,9 @@ class Forwarder:
         if (self.circuit.is_open and self.spool.unclaimed <= 0
                 and self._deliveries <= {asyncio.current_task()}):
             self.circuit.reset()
-            self._refresh_state()
+            log.info("every held event expired: nothing left to retry; the next event "
+                     "shows how PrecogX is")
+            self._refresh_state(announce=False)  # no "recovered": nothing says it did
 
     # -- state -----------------------------------------------------------------
 
@@ -380,7 +382,7 @@ class Forwarder:
                       _describe(outcome))
         self._reloaded = False
 
-    def _refresh_state(self, outcome: Outcome | None = None) -> None:
+    def _refresh_state(self, outcome: Outcome | None = None, announce: bool = True) -> None:
         if not self.client.api_key:
             state = "no_api_key"
         elif self.auth_rejected:
@@ -391,7 +393,8 @@ class Forwarder:
             state = "ok"
         self.metrics.circuit_open.set(1 if self.circuit.is_open else 0)
         if state != self.state:
-            self._log_state_change(state, outcome)
+            if announce:
+                self._log_state_change(state, outcome)
             self.state = state
 
     def _log_state_change(self, state: str, outcome: Outcome | None) -> None:
