@@ -81,12 +81,14 @@ class Summarised:
         about, e.g. "%d more dead-letter batches (%d events) in the last minute"."""
         self.logger, self.level, self.summary, self.window_s = logger, level, summary, window_s
         self._held = self._events = 0
+        self._last = ""  # the last line held back: its cause may differ from the first's
         self._timer: asyncio.TimerHandle | None = None
 
     def __call__(self, message: str, *args: object, events: int = 1) -> None:
         if self._timer is not None:
             self._held += 1
             self._events += events
+            self._last = message % args
             return
         self.logger.log(self.level, message, *args)
         self._start_window()
@@ -108,7 +110,8 @@ class Summarised:
         self._timer = None
         if not self._held:
             return
-        self.logger.log(self.level, self.summary, self._held, self._events)
+        self.logger.log(self.level, "%s; the last: %s",
+                        self.summary % (self._held, self._events), self._last)
         self._held = self._events = 0
         if restart:  # still flooding, perhaps: the next lines are summed too
             self._start_window()

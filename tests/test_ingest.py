@@ -515,7 +515,8 @@ async def test_drop_oldest_evicts_and_counts(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spool full")]
     assert lines == [
         "spool full: dropped the 1 oldest pending events (drop_oldest)",
-        "spool full: 1 more evictions (1 events) in the last minute (drop_oldest)",
+        "spool full: 1 more evictions (1 events) in the last minute (drop_oldest); the "
+        "last: spool full: dropped the 1 oldest pending events (drop_oldest)",
     ]
 
 

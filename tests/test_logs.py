@@ -105,4 +105,5 @@ async def test_a_line_per_event_becomes_a_line_a_minute(
     lines.flush()
     lines("dead-lettered %d", 7, events=7)  # after a quiet window: at once again
     assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
-        "dead-lettered 2", "3 more (12 events)", "1 more (6 events)", "dead-lettered 7"]
+        "dead-lettered 2", "3 more (12 events); the last: dead-lettered 5",
+        "1 more (6 events); the last: dead-lettered 6", "dead-lettered 7"]

@@ -172,9 +172,16 @@ class DifyExtension:
         self._stopped = False
         self.unrecorded_after_stop = 0  # calls answered once the spool had closed
         self._received = metrics.events_received.labels("dify_extension")
+        # Lines that can come per call: one a minute at most (see Summarised).
         self._pairing_full_lines = Summarised(
             log, logging.WARNING,
             "dify.max_open: %d more conversations (%d) dropped in the last minute (counted)")
+        self._too_large_lines = Summarised(
+            log, logging.WARNING, "%d more oversize Dify extension calls (%d) in the last "
+            "minute: answered, not recorded (counted)")
+        self._unspooled_lines = Summarised(
+            log, logging.ERROR, "%d more Dify extension interactions (%d) the spool refused "
+            "in the last minute (counted)")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self.handle)]
@@ -189,7 +196,8 @@ class DifyExtension:
             self._stopping.set()
             await self._sweeper
         self._stopped = True
-        self._pairing_full_lines.flush()
+        for lines in (self._pairing_full_lines, self._too_large_lines, self._unspooled_lines):
+            lines.flush()
         await self._record(self.pairing.everything())
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -205,8 +213,9 @@ class DifyExtension:
             # Dify takes any answer but a 200 as the extension failing, and then fails
             # the user's chat (input moderation): this one passes, unrecorded, counted.
             self.metrics.events_dropped.labels("dify_too_large").inc()
-            log.warning("a Dify extension call larger than server.max_body_bytes = %d was "
-                        "answered but not recorded (counted)", request.client_max_size)
+            self._too_large_lines("a Dify extension call larger than server.max_body_bytes = %d "
+                                  "was answered but not recorded (counted)",
+                                  request.client_max_size)
             return json_response(200, PASS_ANY)
         except BadCall as e:
             self.metrics.events_rejected.labels("invalid_event").inc()
@@ -336,7 +345,8 @@ class DifyExtension:
     def _recorded(self, committed: asyncio.Future[list[int]]) -> None:
         if committed.cancelled() or committed.exception() is not None:
             self.metrics.events_dropped.labels("dify_spool_refused").inc()
-            log.error("could not spool a Dify extension interaction: %s", committed.exception())
+            self._unspooled_lines("could not spool a Dify extension interaction: %s",
+                                  committed.exception())
         else:
             self._received.inc()
 
