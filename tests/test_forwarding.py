@@ -259,6 +259,21 @@ async def test_the_proxy_environment_variables_are_honoured(
     assert fake.requests[0].headers["host"] == "precogx.invalid"
 
 
+def test_the_proxy_is_read_once_from_the_environment_and_no_proxy_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp's trust_env would also send ~/.netrc credentials to PrecogX."""
+    from sidecar.forwarder.client import _env_proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert _env_proxy("https://api.precogx.ai/api/v1/x") == "http://proxy.corp:3128"
+    assert _env_proxy("http://precogx-sidecar:8787/x") is None  # no HTTP_PROXY
+    monkeypatch.setenv("NO_PROXY", ".precogx.ai")
+    assert _env_proxy("https://api.precogx.ai/api/v1/x") is None
+
+
 async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
     start_sidecar: StartSidecar, fake: FakePrecogX, tmp_path: Any,
     caplog: pytest.LogCaptureFixture,

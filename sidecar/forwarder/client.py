@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 
 import aiohttp
@@ -10,6 +13,8 @@ from sidecar import __version__
 from sidecar.config import UpstreamConfig
 from sidecar.forwarder.retry import Outcome
 from sidecar.spool import StoredEvent
+
+log = logging.getLogger("sidecar.forwarder")
 
 BODY_EXCERPT_BYTES = 2048
 BATCH_PATH = "/telemetry/batch"
@@ -36,6 +41,17 @@ async def _excerpt(response: aiohttp.ClientResponse) -> str:
     return kept.decode("utf-8", "replace") + ("..." if size > len(kept) else "")
 
 
+def _env_proxy(url: str) -> str | None:
+    """HTTPS_PROXY / HTTP_PROXY / ALL_PROXY for ``url`` unless NO_PROXY exempts its host,
+    read once: aiohttp's trust_env would also send ~/.netrc credentials to PrecogX, and
+    look the file up again for every request."""
+    parsed = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parsed.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parsed.scheme) or proxies.get("all")
+
+
 class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
@@ -43,16 +59,20 @@ class UpstreamClient:
         base = config.url.rstrip("/")
         self._url = base + (BATCH_PATH if config.mode == "batch" else SINGLE_PATH)
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
 
     async def start(self) -> None:
+        self._proxy = _env_proxy(self._url)
+        if self._proxy:
+            shown = urllib.parse.urlsplit(self._proxy)
+            log.info("upstream requests go through the proxy %s://%s (HTTPS_PROXY / "
+                     "HTTP_PROXY)", shown.scheme, shown.hostname)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             connector=aiohttp.TCPConnector(limit=self.config.concurrency + 1),
             # Only an excerpt of an answer is kept: a compressed one is never asked for,
             # nor inflated (a few hundred KiB of gzip can inflate to gigabytes).
             auto_decompress=False,
-            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which most egress set-ups need.
-            trust_env=True,
             headers={
                 "Accept-Encoding": "identity",
                 "Content-Type": "application/json",
@@ -70,7 +90,7 @@ class UpstreamClient:
         headers = {"x-api-key": self.api_key, "Idempotency-Key": idempotency_key}
         try:
             async with self._session.post(
-                self._url, data=body, headers=headers, allow_redirects=False
+                self._url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
             ) as response:
                 excerpt = await _excerpt(response)
                 if 300 <= response.status < 400 and "Location" in response.headers:
