@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from sidecar.config import SpoolConfig
@@ -623,3 +624,24 @@ async def test_room_in_the_spool_file_counts_and_low_has_a_margin(
     assert await low() is None
     monkeypatch.undo()
     await s.close()
+
+
+async def test_the_cli_takes_a_sidecar_starting_or_closing_for_no_replaced_file(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """While a sidecar starts (the lock held, its -wal not there yet, the last run's record
+    still in the lock file) or closes (SQLite removes the -wal), the CLI refused to work:
+    the sidecar keeps no record then, and the CLI compares nothing."""
+    await put(spool, 1)
+    lock = tmp_path / "spool.db.lock"
+    assert orjson.loads(lock.read_bytes())  # recorded while it runs
+    assert spool._lock is not None
+    real = (tmp_path / "spool.db").resolve()
+    os.ftruncate(spool._lock, 0)  # as close() does before the connections close
+    (tmp_path / "spool.db-wal").rename(tmp_path / "kept")  # as the last close removes it
+    try:
+        assert admin._replaced_under_sidecar(real) is None
+        lock.write_bytes(b'{"wal": [0, 0], "shm": [0, 0]}')  # but a record: compared
+        assert admin._replaced_under_sidecar(real) == "-wal"
+    finally:
+        (tmp_path / "kept").rename(tmp_path / "spool.db-wal")

@@ -83,9 +83,11 @@ def _replaced_under_sidecar(real: Path) -> str | None:
         try:
             recorded = orjson.loads(os.pread(fd, 4096, 0))
         except (OSError, orjson.JSONDecodeError):
-            recorded = None  # still starting up
+            recorded = None
     finally:
         os.close(fd)
+    if not isinstance(recorded, dict):
+        return None  # starting up or closing: its files come and go, nothing to compare
     for suffix in ("-wal", "-shm"):
         side = Path(f"{real}{suffix}")
         try:
@@ -94,9 +96,7 @@ def _replaced_under_sidecar(real: Path) -> str | None:
             return suffix  # a running sidecar always has both
         except OSError:
             continue
-        if isinstance(recorded, dict) and recorded.get(suffix[1:]) not in (
-            None, [st.st_dev, st.st_ino]
-        ):
+        if recorded.get(suffix[1:]) not in (None, [st.st_dev, st.st_ino]):
             return suffix
     return None
 

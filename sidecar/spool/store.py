@@ -12,6 +12,7 @@ on a timer, so no request ever pays for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import logging
@@ -49,6 +50,7 @@ CHECKPOINT_PASSES = 8
 # A commit still running after this long means the disk stalls (a frozen or hung file
 # system): said once in the log and on /readyz, while the requests go on waiting.
 COMMIT_STALL_S = 5.0
+LOCK_TRIES, LOCK_RETRY_S = 5, 0.02
 
 
 class SpoolFull(Exception):
@@ -250,6 +252,11 @@ class Spool:
         if self._writer_task:
             await self._writer_task
         self._eviction_lines.flush()
+        if self._lock is not None:
+            # SQLite removes the -wal as the last connection closes: a CLI command must not
+            # take that for the file replaced under a running sidecar.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock, 0)
         try:
             await self._reader_db.call(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         except sqlite3.Error as e:
@@ -979,14 +986,21 @@ def _lock(spool: Path) -> int:
     relative path gets round it."""
     path = Path(f"{spool.resolve()}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolInUse(
-            f"another sidecar is running on this spool (it holds {path}); each sidecar "
-            "needs a spool.path of its own"
-        ) from None
+    # A few tries: a CLI command looks whether a sidecar runs by taking the lock shared
+    # for an instant, and a sidecar starting in that instant must not give up.
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == LOCK_TRIES - 1:
+                os.close(fd)
+                raise SpoolInUse(
+                    f"another sidecar is running on this spool (it holds {path}); each "
+                    "sidecar needs a spool.path of its own"
+                ) from None
+            time.sleep(LOCK_RETRY_S)
+    os.ftruncate(fd, 0)  # the last run's record of its -wal and -shm is no longer true
     return fd
 
 
