@@ -346,6 +346,18 @@ async def test_readyz_names_the_failure_and_where_a_redirect_points(
         "HTTP 308: Location: https://moved.example/api/v1/x")
 
 
+async def test_an_upstream_answer_quoting_the_key_is_masked_on_readyz(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    fake.default = Respond(503, body=f"<h1>bad gateway for key {TEST_KEY}</h1>")
+    sidecar = await start_sidecar(retry={"max_backoff_s": 3600.0})
+    await post_events(sidecar, 1)
+    spool = sidecar.server.spool
+    await spool.wait_until(lambda: sidecar.server.forwarder.state == "upstream_failing")
+    _, ready = await sidecar.get("/readyz")
+    assert ready["last_failure"] == "HTTP 503: <h1>bad gateway for key ********</h1>"
+
+
 async def test_a_removed_key_is_no_longer_reported_as_rejected(
     start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -453,6 +465,9 @@ async def test_expired_events_are_dead_lettered_not_sent(
     await spool.wait_until(lambda: spool.counts.dead == 3)
     assert sorted(d[0] for d in dead_letters(sidecar)) == ids
     assert {d[1] for d in dead_letters(sidecar)} == {"expired"}
+    with sqlite3.connect(sidecar.config.spool.path) as db:  # expiring is no attempt
+        attempts = {row[0] for row in db.execute("SELECT attempts FROM events")}
+    assert attempts == {len(fake.requests)}
 
 
 async def test_a_hold_whose_events_all_expired_does_not_say_failing_for_good(

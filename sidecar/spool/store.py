@@ -426,9 +426,11 @@ class Spool:
         def run(db: Db) -> tuple[set[int], tuple[int, int]]:
             present = _present(db, ids)
             db.executemany(
+                # An answer is an attempt; expiring (no status) is none.
                 "UPDATE events SET state = 'dead', dead_reason = ?, dead_at = ?, "
-                "last_status = ?, last_error = ?, attempts = attempts + 1 WHERE id = ?",
-                [(reason, now, status, error[:500], i) for i in present],
+                "last_status = ?, last_error = ?, attempts = attempts + (? IS NOT NULL) "
+                "WHERE id = ?",
+                [(reason, now, status, error[:500], status, i) for i in present],
             )
             # After a CLI replay or purge the loop's count is stale: pruning by it would
             # delete dead letters the cap has room for.
