@@ -321,6 +321,29 @@ async def test_two_chats_with_the_same_answer_are_two_interactions(
         ("hello there", "Hello! How can"), ("hi again", "Hello! How can")]
 
 
+async def test_a_long_answer_re_sent_at_its_end_stays_its_chats(
+    start_sidecar: StartSidecar,
+) -> None:
+    """Dify sends a streamed answer's last text again at its end: a chat that began
+    meanwhile must not take that re-send for its own answer."""
+    sidecar = await start_sidecar(
+        dify={"extension_token": KEY, "pair_idle_s": 3600.0, "input_wait_s": 3600.0},
+        upstream={"api_key_file": ""},
+    )
+    long_1, long_2 = "x" * 300, "x" * 300 + "y" * 150
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q1"})
+    for text in (long_1, long_2):
+        await call(sidecar, "app.moderation.output", {"app_id": "a", "text": text})
+    await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q2"})
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": long_2})  # its end
+    await call(sidecar, "app.moderation.output", {"app_id": "a", "text": "Answer two"})
+    await sidecar.stop()
+    with sqlite3.connect(sidecar.config.spool.path) as db:
+        stored = [orjson.loads(r[0]) for r in db.execute("SELECT payload FROM events")]
+    assert sorted((e["prompt"], e["response"]) for e in stored) == [
+        ("q1", long_2), ("q2", "Answer two")]
+
+
 async def test_an_unwritable_conversation_is_refused_alone(
     sidecar: Sidecar, fake: FakePrecogX
 ) -> None:

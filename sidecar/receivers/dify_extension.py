@@ -70,6 +70,7 @@ class Conversation:
     received_at: float = field(default_factory=time.time)
     text: str | None = None
     touched: float = field(default_factory=time.monotonic)
+    grown: bool = False  # the answer came in more than one text (a long, streamed one)
 
     def interaction(self) -> dict[str, Any]:
         """As the rules see it, inline ones included: the query as `prompt`, the inputs as
@@ -118,13 +119,15 @@ class Pairing:
         for stream in streams:
             assert stream.text is not None
             if text.startswith(stream.text) or stream.text.startswith(text):
-                if len(text) <= len(stream.text) and waiting and (
-                        waiting[0].touched > stream.touched):
-                    # No growth, and a chat began since this stream last grew: the same
-                    # short answer ("Hello! How can I help?") to that chat, not a re-send.
+                if (len(text) <= len(stream.text) and not stream.grown and waiting
+                        and waiting[0].touched > stream.touched):
+                    # A short answer sent once, again, and a chat began since: the same
+                    # answer ("Hello! How can I help?") to that chat. (A streamed answer's
+                    # last text comes twice, at its end: that is no new chat's.)
                     break
                 if len(text) > len(stream.text):
                     stream.text = text
+                    stream.grown = True
                 stream.touched = time.monotonic()
                 return
         stream = waiting.popleft() if waiting else Conversation(app_id, "", {})
