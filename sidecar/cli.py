@@ -257,7 +257,11 @@ def _redact(args: argparse.Namespace) -> int:
         interactions_of_batch,
         validate_interaction,
     )
-    from sidecar.redaction.stage import build_stages, without_own_secrets
+    from sidecar.redaction.stage import (
+        build_stages,
+        escaped_own_secrets_out,
+        without_own_secrets,
+    )
 
     try:
         cfg = _load(args)
@@ -274,6 +278,7 @@ def _redact(args: argparse.Namespace) -> int:
     try:
         raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
         doc = orjson.loads(without_own_secrets(raw))
+        escaped_own_secrets_out(raw, doc)
         batch = isinstance(doc, dict) and "interactions" in doc
         items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
     except OSError as e:

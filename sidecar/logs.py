@@ -21,15 +21,20 @@ _MASK = "********"
 # README says, `openssl rand -hex`, and PrecogX keys all are.)
 _INERT = re.compile(r"[A-Za-z0-9._~+/=-]*[A-DF-Za-df-z_~/=][A-Za-z0-9._~+/=-]*")
 _body_secrets: tuple[bytes, ...] = ()
+# The secrets as decoded text holds them (form fields, JSON strings once parsed): any
+# character will do there.
+_text_secrets: tuple[str, ...] = ()
 
 
 def register_secret(value: str) -> None:
     """Never print ``value``: any log line containing it shows a mask instead; and never
     store it: a request body holding it has it masked (see body_secrets)."""
-    global _body_secrets
+    global _body_secrets, _text_secrets
     # Very short values would mask innocent text and are not real secrets anyway.
     if len(value) >= 4:
         _SECRETS.add(value)
+    if len(value) >= 8:
+        _text_secrets = tuple(sorted({*_text_secrets, value}, key=len, reverse=True))
     if len(value) >= 8 and _INERT.fullmatch(value):
         # Longest first: one secret holding another is masked whole.
         _body_secrets = tuple(sorted({*_body_secrets, value.encode()}, key=len, reverse=True))
@@ -37,6 +42,10 @@ def register_secret(value: str) -> None:
 
 def body_secrets() -> tuple[bytes, ...]:
     return _body_secrets
+
+
+def text_secrets() -> tuple[str, ...]:
+    return _text_secrets
 
 
 def scrub(text: str) -> str:

@@ -149,6 +149,7 @@ def _no_secrets_from_other_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     registered would otherwise be masked in the next test's events and logs."""
     monkeypatch.setattr(logs, "_SECRETS", set())
     monkeypatch.setattr(logs, "_body_secrets", ())
+    monkeypatch.setattr(logs, "_text_secrets", ())
 
 
 @pytest.fixture

@@ -274,6 +274,27 @@ async def test_the_sidecars_own_token_in_a_form_field_is_masked(
     assert stored["metadata"]["[REDACTED:sidecar_secret]"] == "as a name too"
 
 
+async def test_the_sidecars_own_token_escaped_in_json_is_masked(
+    start_sidecar: StartSidecar,
+) -> None:
+    """JSON may write "/" as "\\/" (PHP's json_encode does) and any character as
+    "\\u....": such a token was not found in the body's bytes, and was stored in clear."""
+    token = "Zm9v+YmFy/YmF6Lm9yZw="
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    escaped = token.replace("/", "\\/")
+    unicode = "".join(f"\\u{ord(c):04x}" for c in token)
+    body = (f'{{"agentId": "a", "prompt": "mine: {escaped}", "response": "{unicode}", '
+            f'"metadata": {{"{escaped}": ["x {unicode} y"]}}}}').encode()
+    status, _ = await raw_post(sidecar, SINGLE, f"x-api-key: {token}\r\n".encode(), body)
+    assert status == 202
+    (_, _, payload), = stored_rows(sidecar)
+    assert token.encode() not in payload
+    stored = orjson.loads(payload)
+    assert stored["prompt"] == "mine: [REDACTED:sidecar_secret]"
+    assert stored["response"] == "[REDACTED:sidecar_secret]"
+    assert stored["metadata"]["[REDACTED:sidecar_secret]"] == ["x [REDACTED:sidecar_secret] y"]
+
+
 async def test_credentials_in_form_fields_are_masked(sidecar: Sidecar) -> None:
     """The masking done in a JSON body's text is not done on a form's: it runs on the
     fields once parsed."""

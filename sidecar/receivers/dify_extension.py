@@ -45,7 +45,11 @@ from sidecar.receivers.common import (
 )
 from sidecar.receivers.validation import Rejection
 from sidecar.redaction.redactor import Hit
-from sidecar.redaction.stage import RedactionStage, without_own_secrets
+from sidecar.redaction.stage import (
+    RedactionStage,
+    escaped_own_secrets_out,
+    without_own_secrets,
+)
 from sidecar.spool import Spool
 
 log = logging.getLogger("sidecar.dify")
@@ -236,6 +240,7 @@ class DifyExtension:
             call = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise BadCall(f"body is not valid JSON: {e}") from None
+        escaped_own_secrets_out(body, call)
         if not isinstance(call, dict) or not isinstance(call.get("point"), str):
             raise BadCall('body must be {"point": "...", "params": {...}}')
         params = call.get("params") or {}

@@ -27,7 +27,7 @@ from sidecar.receivers.common import (
 )
 from sidecar.receivers.form import FORM_TYPE, interaction_of_form
 from sidecar.receivers.validation import Rejection, interactions_of_batch, validate_interaction
-from sidecar.redaction.stage import RedactionStage
+from sidecar.redaction.stage import RedactionStage, escaped_own_secrets_out
 from sidecar.spool import (
     DiskLow,
     IdempotencyKeyReused,
@@ -110,6 +110,7 @@ class IngestReceiver:
                 items = [interaction_of_form(body)]
             else:
                 doc = _parse(body)
+                escaped_own_secrets_out(body, doc)
                 items = interactions_of_batch(doc) if batch else [validate_interaction(doc)]
             redacted = len(body) >= OFF_LOOP_BYTES and self.redact.applies(secrets)
             if redacted:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import Config, ConfigError
-from sidecar.logs import body_secrets, register_secret
+from sidecar.logs import body_secrets, register_secret, text_secrets
 from sidecar.metrics import Metrics, Tally
 from sidecar.redaction.detectors import SECRET_DETECTORS, Found, Text, scanner
 from sidecar.redaction.raw_json import PLAIN_DETECTORS, mask_in_json
@@ -252,9 +252,39 @@ def without_own_secrets(body: bytes) -> bytes:
 def text_without_own_secrets(text: str) -> str:
     """As without_own_secrets, for text already decoded (a form's fields: encoded, a
     base64 token's "+", "/" and "=" hid it from the search in the raw body)."""
-    for secret in body_secrets():
-        text = text.replace(secret.decode(), OWN_SECRET_MASK_TEXT)
+    for secret in text_secrets():
+        if secret in text:
+            text = text.replace(secret, OWN_SECRET_MASK_TEXT)
     return text
+
+
+def escaped_own_secrets_out(body: bytes, doc: Any) -> None:
+    """The sidecar's secrets masked in a parsed JSON document, keys included, where the
+    body's bytes may have hidden them: JSON may write "/" as "\\/" (PHP does by default)
+    and any character as "\\u....". Only for a body holding a backslash: the search in its
+    bytes (without_own_secrets) saw everything else."""
+    if BACKSLASH not in body or not text_secrets():
+        return
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in list(node):
+                value = node[key]
+                masked = text_without_own_secrets(key) if isinstance(key, str) else key
+                if masked != key:
+                    del node[key]
+                    node[masked] = value
+                if isinstance(value, str):
+                    node[masked] = text_without_own_secrets(value)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    node[i] = text_without_own_secrets(value)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
 
 
 OWN_SECRET_MASK_TEXT = OWN_SECRET_MASK.decode()
