@@ -73,7 +73,10 @@ class Server:
         await self._open_spool()
         self._export_spool_gauges()
         # Before the first request and scrape, not at the first upkeep pass.
-        await self.spool.check_free_space()
+        try:
+            await self.spool.check_free_space()
+        except (OSError, sqlite3.Error) as e:  # the upkeep pass tries again
+            log.warning("cannot tell the spool disk's free space: %s", e)
         await self._track_oldest()
         await self.client.start()
         self.forwarder.set_api_key(api_key)

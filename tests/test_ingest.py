@@ -578,6 +578,20 @@ async def test_a_disk_nearly_full_refuses_new_events_until_there_is_room(
     assert len(messages) == 2 and messages[1].endswith("room again: accepting events")
 
 
+async def test_a_disk_that_tells_no_free_space_does_not_stop_start_up(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def no_statvfs(path: str) -> None:
+        raise OSError(38, "Function not implemented", path)
+
+    monkeypatch.setattr(os, "statvfs", no_statvfs)
+    sidecar = await start_sidecar(upstream={"api_key_file": ""})  # was a traceback
+    assert (await sidecar.post(SINGLE, EXAMPLE_EVENT))[0] == 202
+    assert any("cannot tell the spool disk's free space" in r.getMessage()
+               for r in caplog.records)
+
+
 async def test_health_and_readiness_without_key(sidecar: Sidecar) -> None:
     assert await sidecar.get("/healthz") == (200, {"status": "alive"})
     status, ready = await sidecar.get("/readyz")

@@ -470,14 +470,20 @@ class Spool:
         pages delivered events freed for new ones rather than giving them back, so after a
         backlog drained the disk still looks full. Low below spool.min_free_bytes; room
         again only from a quarter above it, so that hovering at the line does not flip
-        events between refused and accepted every pass."""
+        events between refused and accepted every pass. The disk itself must keep a
+        quarter of the reserve all the same: new commits go to the -wal first, and free
+        pages are used only once a checkpoint copied them in."""
         reserve = self.config.min_free_bytes
         low = None
         if reserve:
             st = os.statvfs(os.path.dirname(self._watched[-1]) or ".")  # where the -wal is
-            free = st.f_bavail * st.f_frsize + await self._reader_db.call(_free_pages_bytes)
-            line = reserve if self.disk_low is None else reserve + reserve // 4
-            low = free if free < line else None
+            if not st.f_blocks:  # a file system that tells nothing of its size
+                return
+            disk = st.f_bavail * st.f_frsize
+            free = disk + await self._reader_db.call(_free_pages_bytes)
+            margin = 0 if self.disk_low is None else reserve // 4
+            if free < reserve + margin or disk < reserve // 4 + margin:
+                low = free
         if (low is None) != (self.disk_low is None):
             if low is not None:
                 log.error("the disk holding the spool has %d MiB free, less than "
