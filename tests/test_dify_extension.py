@@ -321,18 +321,20 @@ async def test_two_chats_with_the_same_answer_are_two_interactions(
         ("hello there", "Hello! How can"), ("hi again", "Hello! How can")]
 
 
+@pytest.mark.parametrize("chunks", [["x" * 300, "x" * 300 + "y" * 150], ["x" * 300 + "y" * 150]])
 async def test_a_long_answer_re_sent_at_its_end_stays_its_chats(
-    start_sidecar: StartSidecar,
+    start_sidecar: StartSidecar, chunks: list[str]
 ) -> None:
-    """Dify sends a streamed answer's last text again at its end: a chat that began
-    meanwhile must not take that re-send for its own answer."""
+    """Dify sends a long answer's last text again at its end (a 450-character one may
+    come whole in one call, then again): a chat that began meanwhile must not take that
+    re-send for its own answer."""
     sidecar = await start_sidecar(
         dify={"extension_token": KEY, "pair_idle_s": 3600.0, "input_wait_s": 3600.0},
         upstream={"api_key_file": ""},
     )
-    long_1, long_2 = "x" * 300, "x" * 300 + "y" * 150
+    long_2 = chunks[-1]
     await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q1"})
-    for text in (long_1, long_2):
+    for text in chunks:
         await call(sidecar, "app.moderation.output", {"app_id": "a", "text": text})
     await call(sidecar, "app.moderation.input", {"app_id": "a", "inputs": {}, "query": "q2"})
     await call(sidecar, "app.moderation.output", {"app_id": "a", "text": long_2})  # its end

@@ -56,6 +56,9 @@ log = logging.getLogger("sidecar.dify")
 
 PATH = "/dify/extension"
 SWEEP_EVERY_S = 1.0
+# Dify calls output moderation every this many new characters (MODERATION_BUFFER_SIZE),
+# then once at the end: a shorter answer comes in one call, only at its end.
+DIFY_BUFFER_CHARS = 300
 NOT_FLAGGED = {"flagged": False, "action": "direct_output", "preset_response": ""}
 # For a call whose point is unknown because its body was not read: passes every point
 # (Dify ignores the fields its point does not have).
@@ -123,11 +126,11 @@ class Pairing:
         for stream in streams:
             assert stream.text is not None
             if text.startswith(stream.text) or stream.text.startswith(text):
-                if (len(text) <= len(stream.text) and not stream.grown and waiting
-                        and waiting[0].touched > stream.touched):
-                    # A short answer sent once, again, and a chat began since: the same
-                    # answer ("Hello! How can I help?") to that chat. (A streamed answer's
-                    # last text comes twice, at its end: that is no new chat's.)
+                if (len(text) <= len(stream.text) < DIFY_BUFFER_CHARS and not stream.grown
+                        and waiting and waiting[0].touched > stream.touched):
+                    # A short answer (Dify sends it once) again, and a chat began since:
+                    # the same answer ("Hello! How can I help?") to that chat. A longer
+                    # answer's last text may come twice, at its end: no new chat's.
                     break
                 if len(text) > len(stream.text):
                     stream.text = text

@@ -163,10 +163,10 @@ def replay(
     now: float | None = None,
 ) -> int:
     """Back to pending with attempts reset: the sidecar sends them again. One that expired,
-    or is older than ``max_age_s`` (retry.max_age_s) by now, counts its age from now:
-    kept as it was, the sidecar would make it a dead letter again before sending it."""
+    or has lived half of ``max_age_s`` (retry.max_age_s) by now, counts its age from now:
+    kept as it was, the sidecar could make it a dead letter again before sending it."""
     now = time.time() if now is None else float(now)
-    cutoff = now - float(max_age_s)
+    cutoff = now - float(max_age_s) / 2
     return _in_chunks(
         db, selection, progress,
         "UPDATE events SET state = 'pending', attempts = 0, next_attempt_at = 0, "

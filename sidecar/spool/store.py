@@ -67,8 +67,9 @@ class LargerThanSpool(Exception):
 
 class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error, shutting down); nothing was stored,
-    unless ``maybe_stored``: committed into a file found replaced right after, which a
-    clean shutdown keeps and a crash loses."""
+    unless ``maybe_stored``: committed into a file found replaced right after (a -wal's
+    a clean shutdown keeps and a crash loses; a removed spool file's the next start
+    does not see)."""
 
     def __init__(self, message: str, maybe_stored: bool = False) -> None:
         super().__init__(message)
@@ -716,9 +717,12 @@ class Spool:
             names = [n for n, a, b in zip(("", "-wal", "-shm"), now, self._files or (), strict=True)
                      if a != b]
             which = ", ".join(f"{self._path}{n}" for n in names)
+            kept = ("what was committed since is only in the file removed, which the next "
+                    "start will not see" if "" in names else
+                    "SIGTERM: its final checkpoint keeps what it holds")
             raise FileNotFoundError(
                 f"{which} was removed or replaced while the sidecar ran: refusing events "
-                "until it is restarted (SIGTERM: its final checkpoint keeps what it holds)"
+                f"until it is restarted ({kept})"
             )
 
     def _plain(self, appends: list[_Append], counts: tuple[int, int]) -> bool:
