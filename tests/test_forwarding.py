@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from sidecar import logs
 from sidecar.spool import SpoolUnavailable, StoredEvent
 from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
 from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Hold, Respond
@@ -272,6 +273,12 @@ def test_the_proxy_is_read_once_from_the_environment_and_no_proxy_holds(
     assert _env_proxy("http://precogx-sidecar:8787/x") is None  # no HTTP_PROXY
     monkeypatch.setenv("NO_PROXY", ".precogx.ai")
     assert _env_proxy("https://api.precogx.ai/api/v1/x") is None
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy.corp:1080")  # aiohttp cannot
+    assert _env_proxy("https://api.precogx.ai/api/v1/x") is None
+    monkeypatch.setenv("HTTPS_PROXY", "me:pr0xy-passw0rd@proxy.corp:3128")
+    assert _env_proxy("https://h/x") == "http://me:pr0xy-passw0rd@proxy.corp:3128"
+    assert logs.scrub("InvalidURL: me:pr0xy-passw0rd@") == "InvalidURL: me:********@"
 
 
 async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(

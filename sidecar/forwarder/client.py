@@ -12,6 +12,7 @@ import aiohttp
 from sidecar import __version__
 from sidecar.config import UpstreamConfig
 from sidecar.forwarder.retry import Outcome
+from sidecar.logs import register_secret
 from sidecar.spool import StoredEvent
 
 log = logging.getLogger("sidecar.forwarder")
@@ -42,14 +43,25 @@ async def _excerpt(response: aiohttp.ClientResponse) -> str:
 
 
 def _env_proxy(url: str) -> str | None:
-    """HTTPS_PROXY / HTTP_PROXY / ALL_PROXY for ``url`` unless NO_PROXY exempts its host,
-    read once: aiohttp's trust_env would also send ~/.netrc credentials to PrecogX, and
-    look the file up again for every request."""
+    """HTTPS_PROXY / HTTP_PROXY for ``url`` unless NO_PROXY exempts its host, read once:
+    aiohttp's trust_env would also send ~/.netrc credentials to PrecogX, and look the
+    file up again for every request. Only HTTP proxies: aiohttp speaks no SOCKS."""
     parsed = urllib.parse.urlsplit(url)
     if urllib.request.proxy_bypass(parsed.hostname or ""):
         return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(parsed.scheme) or proxies.get("all")
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy  # "host:3128", as curl takes it
+    shown = urllib.parse.urlsplit(proxy)
+    if shown.password:
+        register_secret(shown.password)  # an error naming the URL must not show it
+    if shown.scheme not in ("http", "https"):
+        log.warning("%s_PROXY is a %s proxy, which the sidecar cannot use: sending to "
+                    "PrecogX directly", parsed.scheme.upper(), shown.scheme)
+        return None
+    return proxy
 
 
 class UpstreamClient:
