@@ -650,3 +650,23 @@ async def test_the_cli_takes_a_sidecar_starting_or_closing_for_no_replaced_file(
         assert admin._replaced_under_sidecar(real) == "-wal"
     finally:
         (tmp_path / "kept").rename(tmp_path / "spool.db-wal")
+
+
+async def test_a_replace_within_the_timestamp_tick_is_still_seen(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Directory times tick coarsely on many kernels: a file replaced within the tick of
+    the last change seen left them as they were, and the cheap check missed it for good."""
+    import sidecar.spool.store as store
+
+    await put(spool, 1)
+    first = store._stamps(spool._dirs)[0]
+    assert first is not None
+    frozen = ((*first[:3], time.time_ns()),)
+    monkeypatch.setattr(store, "_stamps", lambda dirs: frozen)  # the tick never passes
+    await put(spool, 1)
+    wal = tmp_path / "spool.db-wal"
+    (tmp_path / "copy").write_bytes(wal.read_bytes())
+    (tmp_path / "copy").rename(wal)
+    with pytest.raises(SpoolUnavailable, match=r"spool\.db-wal was removed or replaced"):
+        await put(spool, 1)

@@ -207,7 +207,7 @@ class Spool:
             real = self._path.resolve()
             self._watched = (str(self._path), f"{real}-wal", f"{real}-shm")
             self._dirs = tuple(dict.fromkeys((str(self._path.parent), str(real.parent))))
-            self._dir_stamps = _stamps(self._dirs)  # first: a change after it shows
+            self._dir_stamps = _trusted(_stamps(self._dirs))  # first: a change after shows
             self._files = _identities(self._watched)
             _record_side_files(self._lock, self._files)
             await self._reader_db.start()
@@ -712,7 +712,7 @@ class Spool:
         self._unverifiable = False
         self._replaced = now != self._files
         if not self._replaced:
-            self._dir_stamps = stamps  # another file came or went beside the spool
+            self._dir_stamps = _trusted(stamps)  # another file came or went beside it
         else:
             names = [n for n, a, b in zip(("", "-wal", "-shm"), now, self._files or (), strict=True)
                      if a != b]
@@ -935,14 +935,21 @@ def _identities(paths: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
     return tuple([_identity(path) for path in paths])
 
 
-_Stamp = tuple[int, int, int]
+_Stamp = tuple[int, int, int, int]
+RACY_NS = 100_000_000  # 0.1 s: well past any file system's timestamp tick
+
+
+def _trusted(stamps: tuple[_Stamp | None, ...]) -> tuple[_Stamp | None, ...]:
+    """The stamps, or () (matching none) while a directory's last change is within the
+    clock's coarse tick: a rename within the same tick would leave its times as they
+    are, and go unseen (git's "racy clean")."""
+    last = max((st[3] for st in stamps if st), default=0)
+    return () if time.time_ns() - last < RACY_NS else stamps
 
 
 def _stamps(dirs: tuple[str, ...]) -> tuple[_Stamp | None, ...]:
-    """Inode, modification and change time (ns) of each directory: any file added,
-    removed or renamed in one changes them. (Times tick coarsely, every few ms: a change
-    within the same tick as the last one seen could hide; the file's own check at the
-    next change in the directory then still finds it.)"""
+    """Device, inode, modification and change time (ns) of each directory: any file
+    added, removed or renamed in one changes them (see _check_file for coarse ticks)."""
     stamps: list[_Stamp | None] = []
     for path in dirs:
         try:
@@ -950,7 +957,7 @@ def _stamps(dirs: tuple[str, ...]) -> tuple[_Stamp | None, ...]:
         except FileNotFoundError:
             stamps.append(None)
             continue
-        stamps.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+        stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(stamps)
 
 
