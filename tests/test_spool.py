@@ -636,18 +636,20 @@ async def test_the_cli_takes_a_sidecar_starting_or_closing_for_no_replaced_file(
 ) -> None:
     """While a sidecar starts (the lock held, its -wal not there yet, the last run's record
     still in the lock file) or closes (SQLite removes the -wal), the CLI refused to work:
-    the sidecar keeps no record then, and the CLI compares nothing."""
+    the sidecar says so in the lock file then, and the CLI compares nothing. Without any
+    record (it could not be written) the CLI still checks that the files are there."""
     await put(spool, 1)
     lock = tmp_path / "spool.db.lock"
-    assert orjson.loads(lock.read_bytes())  # recorded while it runs
-    assert spool._lock is not None
+    assert set(orjson.loads(lock.read_bytes())) == {"wal", "shm"}  # recorded while it runs
     real = (tmp_path / "spool.db").resolve()
-    os.ftruncate(spool._lock, 0)  # as close() does before the connections close
     (tmp_path / "spool.db-wal").rename(tmp_path / "kept")  # as the last close removes it
     try:
-        assert admin._replaced_under_sidecar(real) is None
-        lock.write_bytes(b'{"wal": [0, 0], "shm": [0, 0]}')  # but a record: compared
-        assert admin._replaced_under_sidecar(real) == "-wal"
+        for state in (b"starting", b"closing"):
+            lock.write_bytes(b'{"state": "%s"}' % state)
+            assert admin._replaced_under_sidecar(real) is None
+        for record in (b"", b'{"wal": [0, 0], "shm": [0, 0]}'):
+            lock.write_bytes(record)
+            assert admin._replaced_under_sidecar(real) == "-wal"
     finally:
         (tmp_path / "kept").rename(tmp_path / "spool.db-wal")
 

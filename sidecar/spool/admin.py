@@ -81,12 +81,12 @@ def _replaced_under_sidecar(real: Path) -> str | None:
         else:
             return None
         try:
-            recorded = orjson.loads(os.pread(fd, 4096, 0))
+            recorded = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
         except (OSError, orjson.JSONDecodeError):
-            recorded = None
+            recorded = {}  # unreadable: only whether the files are there can be told
     finally:
         os.close(fd)
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or "state" in recorded:
         return None  # starting up or closing: its files come and go, nothing to compare
     for suffix in ("-wal", "-shm"):
         side = Path(f"{real}{suffix}")

@@ -256,8 +256,7 @@ class Spool:
         if self._lock is not None:
             # SQLite removes the -wal as the last connection closes: a CLI command must not
             # take that for the file replaced under a running sidecar.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock, 0)
+            _mark(self._lock, b'{"state": "closing"}')
         try:
             await self._reader_db.call(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         except sqlite3.Error as e:
@@ -966,11 +965,21 @@ def _record_side_files(lock: int, files: tuple[tuple[int, int] | None, ...]) -> 
     replaced under the running sidecar, a CLI write would go where the sidecar does not
     look (see admin.open_spool)."""
     record = orjson.dumps({"wal": files[1], "shm": files[2]})
+    if not _mark(lock, record):  # a full disk, say: the CLI then checks less
+        log.warning("cannot record the spool's -wal and -shm in its lock file")
+
+
+def _mark(lock: int, record: bytes) -> bool:
+    """Replace what the lock file says; if that fails, leave it empty (the CLI then only
+    checks that the -wal and -shm exist), never a stale record."""
     try:
         os.ftruncate(lock, 0)
         os.pwrite(lock, record, 0)
-    except OSError as e:  # a full disk, say: the CLI then checks less, nothing worse
-        log.warning("cannot record the spool's -wal and -shm in its lock file: %s", e)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(lock, 0)
+        return False
 
 
 def _refuse_foreign(path: Path) -> None:
@@ -1019,7 +1028,7 @@ def _lock(spool: Path) -> int:
                     "sidecar needs a spool.path of its own"
                 ) from None
             time.sleep(LOCK_RETRY_S)
-    os.ftruncate(fd, 0)  # the last run's record of its -wal and -shm is no longer true
+    _mark(fd, b'{"state": "starting"}')  # the last run's record is no longer true
     return fd
 
 
