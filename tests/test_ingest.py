@@ -293,6 +293,11 @@ async def test_the_sidecars_own_token_escaped_in_json_is_masked(
     assert stored["prompt"] == "mine: [REDACTED:sidecar_secret]"
     assert stored["response"] == "[REDACTED:sidecar_secret]"
     assert stored["metadata"]["[REDACTED:sidecar_secret]"] == ["x [REDACTED:sidecar_secret] y"]
+    # "\\/" alone, as PHP writes it, with an escaped quote and line break beside it.
+    body = f'{{"agentId": "a", "prompt": "say \\"{escaped}\\"\\n", "response": "r"}}'.encode()
+    assert (await raw_post(sidecar, SINGLE, f"x-api-key: {token}\r\n".encode(), body))[0] == 202
+    assert orjson.loads(stored_rows(sidecar)[1][2])["prompt"] == (
+        'say "[REDACTED:sidecar_secret]"\n')
 
 
 async def test_credentials_in_form_fields_are_masked(sidecar: Sidecar) -> None:

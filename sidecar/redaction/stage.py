@@ -258,12 +258,23 @@ def text_without_own_secrets(text: str) -> str:
     return text
 
 
+def _hides_characters(body: bytes) -> bool:
+    """Whether an escape in ``body`` can stand for a character of a secret: "\\u" for any,
+    "\\/", '\\"' and "\\\\" only for a secret holding that character ('\\"' is in many
+    answers, in no token made as README says)."""
+    if b"\\u" in body:
+        return True
+    secrets = text_secrets()
+    return any(b"\\" + c.encode() in body for c in '/"\\' if any(c in s for s in secrets))
+
+
 def escaped_own_secrets_out(body: bytes, doc: Any) -> None:
     """The sidecar's secrets masked in a parsed JSON document, keys included, where the
     body's bytes may have hidden them: JSON may write "/" as "\\/" (PHP does by default)
-    and any character as "\\u....". Only for a body holding a backslash: the search in its
-    bytes (without_own_secrets) saw everything else."""
-    if BACKSLASH not in body or not text_secrets():
+    and any character as "\\u....". Only for a body holding such an escape: the search in
+    its bytes (without_own_secrets) saw everything else. ("\\n" and the other escapes of
+    control characters, in most answers, hide nothing: no secret holds one.)"""
+    if BACKSLASH not in body or not text_secrets() or not _hides_characters(body):
         return
     stack = [doc]
     while stack:
