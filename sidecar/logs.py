@@ -24,12 +24,15 @@ _body_secrets: tuple[bytes, ...] = ()
 # The secrets as decoded text holds them (form fields, JSON strings once parsed): any
 # character will do there.
 _text_secrets: tuple[str, ...] = ()
+# Those of them not in _body_secrets, as bytes: a plain body holding one must be parsed
+# and walked to mask it (see redaction.stage.escaped_own_secrets_out).
+_unsearched_secrets: tuple[bytes, ...] = ()
 
 
 def register_secret(value: str) -> None:
     """Never print ``value``: any log line containing it shows a mask instead; and never
     store it: a request body holding it has it masked (see body_secrets)."""
-    global _body_secrets, _text_secrets
+    global _body_secrets, _text_secrets, _unsearched_secrets
     # Very short values would mask innocent text and are not real secrets anyway.
     if len(value) >= 4:
         _SECRETS.add(value)
@@ -38,6 +41,8 @@ def register_secret(value: str) -> None:
     if len(value) >= 8 and _INERT.fullmatch(value):
         # Longest first: one secret holding another is masked whole.
         _body_secrets = tuple(sorted({*_body_secrets, value.encode()}, key=len, reverse=True))
+    elif len(value) >= 8:
+        _unsearched_secrets = (*_unsearched_secrets, value.encode("utf-8", "surrogateescape"))
 
 
 def body_secrets() -> tuple[bytes, ...]:
@@ -46,6 +51,10 @@ def body_secrets() -> tuple[bytes, ...]:
 
 def text_secrets() -> tuple[str, ...]:
     return _text_secrets
+
+
+def unsearched_secrets() -> tuple[bytes, ...]:
+    return _unsearched_secrets
 
 
 def scrub(text: str) -> str:

@@ -150,6 +150,7 @@ def _no_secrets_from_other_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "_SECRETS", set())
     monkeypatch.setattr(logs, "_body_secrets", ())
     monkeypatch.setattr(logs, "_text_secrets", ())
+    monkeypatch.setattr(logs, "_unsearched_secrets", ())
 
 
 @pytest.fixture

@@ -300,6 +300,22 @@ async def test_the_sidecars_own_token_escaped_in_json_is_masked(
         'say "[REDACTED:sidecar_secret]"\n')
 
 
+async def test_an_own_token_json_may_need_to_escape_is_masked_as_sent(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A token of characters outside the JSON-inert set (here "@", "!", a space) is not
+    searched in the body's bytes: it was stored in clear unless an escape elsewhere in
+    the body happened to make the sidecar look at the parsed event."""
+    token = "p@ss!word 2024-x"
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    status, _ = await sidecar.post(
+        SINGLE, {"agentId": "a", "prompt": f"my token is {token}", "response": "ok"},
+        headers={"x-api-key": token})
+    assert status == 202
+    (_, _, payload), = stored_rows(sidecar)
+    assert orjson.loads(payload)["prompt"] == "my token is [REDACTED:sidecar_secret]"
+
+
 async def test_credentials_in_form_fields_are_masked(sidecar: Sidecar) -> None:
     """The masking done in a JSON body's text is not done on a form's: it runs on the
     fields once parsed."""

@@ -54,7 +54,13 @@ def _env_proxy(url: str) -> str | None:
         return None
     if "://" not in proxy:
         proxy = "http://" + proxy  # "host:3128", as curl takes it
-    shown = urllib.parse.urlsplit(proxy)
+    try:
+        shown = urllib.parse.urlsplit(proxy)
+        shown.port  # noqa: B018 - raises for a port that is no number
+    except ValueError:
+        log.warning("%s_PROXY is no URL the sidecar can read: sending to PrecogX directly",
+                    parsed.scheme.upper())
+        return None
     if shown.password:
         register_secret(shown.password)  # an error naming the URL must not show it
     if shown.scheme not in ("http", "https"):

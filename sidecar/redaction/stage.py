@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import Config, ConfigError
-from sidecar.logs import body_secrets, register_secret, text_secrets
+from sidecar.logs import body_secrets, register_secret, text_secrets, unsearched_secrets
 from sidecar.metrics import Metrics, Tally
 from sidecar.redaction.detectors import SECRET_DETECTORS, Found, Text, scanner
 from sidecar.redaction.raw_json import PLAIN_DETECTORS, mask_in_json
@@ -274,7 +274,12 @@ def escaped_own_secrets_out(body: bytes, doc: Any) -> None:
     and any character as "\\u....". Only for a body holding such an escape: the search in
     its bytes (without_own_secrets) saw everything else. ("\\n" and the other escapes of
     control characters, in most answers, hide nothing: no secret holds one.)"""
-    if BACKSLASH not in body or not text_secrets() or not _hides_characters(body):
+    if not text_secrets():
+        return
+    escaped = BACKSLASH in body and _hides_characters(body)
+    # A secret with a character JSON may need to escape (or all digits) is not searched
+    # in the bytes at all: when the body holds it as it is, walk too.
+    if not escaped and not any(secret in body for secret in unsearched_secrets()):
         return
     stack = [doc]
     while stack:

@@ -482,7 +482,9 @@ class Spool:
             disk = st.f_bavail * st.f_frsize
             free = disk + await self._reader_db.call(_free_pages_bytes)
             margin = 0 if self.disk_low is None else reserve // 4
-            if free < reserve + margin or disk < reserve // 4 + margin:
+            if disk < reserve // 4 + margin:
+                low = disk  # the -wal needs real disk; the file's free pages do not count
+            elif free < reserve + margin:
                 low = free
         if (low is None) != (self.disk_low is None):
             if low is not None:
@@ -935,7 +937,7 @@ def _identities(paths: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
 
 
 _Stamp = tuple[int, int, int, int]
-RACY_NS = 100_000_000  # 0.1 s: well past any file system's timestamp tick
+RACY_NS = 2_100_000_000  # past any file system's timestamp tick (FAT: 2 s; ext3: 1 s)
 
 
 def _trusted(stamps: tuple[_Stamp | None, ...]) -> tuple[_Stamp | None, ...]:
