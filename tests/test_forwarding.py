@@ -279,6 +279,9 @@ def test_the_proxy_is_read_once_from_the_environment_and_no_proxy_holds(
     monkeypatch.setenv("HTTPS_PROXY", "me:pr0xy-passw0rd@proxy.corp:3128")
     assert _env_proxy("https://h/x") == "http://me:pr0xy-passw0rd@proxy.corp:3128"
     assert logs.scrub("InvalidURL: me:pr0xy-passw0rd@") == "InvalidURL: me:********@"
+    for bad in ("http://[::1:3128", "http://proxy:abc"):  # was a start-up traceback
+        monkeypatch.setenv("HTTPS_PROXY", bad)
+        assert _env_proxy("https://h/x") is None
 
 
 async def test_auth_rejected_pauses_then_sighup_with_new_key_resumes(
