@@ -300,6 +300,18 @@ async def test_the_sidecars_own_token_escaped_in_json_is_masked(
         'say "[REDACTED:sidecar_secret]"\n')
 
 
+def test_only_escapes_that_can_hide_a_secret_make_the_event_walked() -> None:
+    """Python's json.dumps writes every non-ASCII character as a \\u escape: walking each
+    such event cost every request in a non-English deployment."""
+    from sidecar import logs
+    from sidecar.redaction.stage import _hides_characters
+
+    logs.register_secret("Zm9v+YmFy/YmF6Lm9yZw=")
+    assert not _hides_characters(b'{"prompt": "caf\\u00e9 \\u4e2d \\"q\\" \\n"}')
+    assert _hides_characters(b'{"prompt": "Zm9v\\u002bYmFy"}')  # "+" escaped
+    assert _hides_characters(b'{"prompt": "Zm9v+YmFy\\/YmF6"}')  # "/" escaped
+
+
 async def test_an_own_token_json_may_need_to_escape_is_masked_as_sent(
     start_sidecar: StartSidecar,
 ) -> None:

@@ -258,13 +258,20 @@ def text_without_own_secrets(text: str) -> str:
     return text
 
 
+_ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
+
+
 def _hides_characters(body: bytes) -> bool:
     """Whether an escape in ``body`` can stand for a character of a secret: "\\u" for any,
     "\\/", '\\"' and "\\\\" only for a secret holding that character ('\\"' is in many
     answers, in no token made as README says)."""
-    if b"\\u" in body:
-        return True
     secrets = text_secrets()
+    if b"\\u" in body and (
+        _ASCII_ESCAPE.search(body) is not None or not all(s.isascii() for s in secrets)
+    ):
+        # Python's json.dumps writes every "é" as "\\u00e9": only an escape of an ASCII
+        # character can stand for one of a secret made of them.
+        return True
     return any(b"\\" + c.encode() in body for c in '/"\\' if any(c in s for s in secrets))
 
 
