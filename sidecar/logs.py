@@ -36,13 +36,20 @@ def register_secret(value: str) -> None:
     # Very short values would mask innocent text and are not real secrets anyway.
     if len(value) >= 4:
         _SECRETS.add(value)
-    if len(value) >= 8:
-        _text_secrets = tuple(sorted({*_text_secrets, value}, key=len, reverse=True))
-    if len(value) >= 8 and _INERT.fullmatch(value):
-        # Longest first: one secret holding another is masked whole.
-        _body_secrets = tuple(sorted({*_body_secrets, value.encode()}, key=len, reverse=True))
-    elif len(value) >= 8:
-        _unsearched_secrets = (*_unsearched_secrets, value.encode("utf-8", "surrogateescape"))
+    if len(value) < 8:
+        return
+    # Sets, then longest first: a key registered again (every SIGHUP) is kept once, and
+    # one secret holding another is masked whole.
+    _text_secrets = _longest_first({*_text_secrets, value})
+    if _INERT.fullmatch(value):
+        _body_secrets = _longest_first({*_body_secrets, value.encode()})
+    else:
+        _unsearched_secrets = _longest_first(
+            {*_unsearched_secrets, value.encode("utf-8", "surrogateescape")})
+
+
+def _longest_first(secrets: set[Any]) -> tuple[Any, ...]:
+    return tuple(sorted(secrets, key=len, reverse=True))
 
 
 def body_secrets() -> tuple[bytes, ...]:

@@ -107,3 +107,13 @@ async def test_a_line_per_event_becomes_a_line_a_minute(
     assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
         "dead-lettered 2", "3 more (12 events); the last: dead-lettered 5",
         "1 more (6 events); the last: dead-lettered 6", "dead-lettered 7"]
+
+
+def test_a_secret_registered_again_is_kept_once() -> None:
+    """Every SIGHUP registers the key again: the tuples searched per request grew."""
+    for _ in range(3):
+        logs.register_secret("p@ss!word 2024-x")
+        logs.register_secret("0123456789abcdef")
+    assert logs.unsearched_secrets() == (b"p@ss!word 2024-x",)
+    assert logs.body_secrets() == (b"0123456789abcdef",)
+    assert sorted(logs.text_secrets()) == ["0123456789abcdef", "p@ss!word 2024-x"]
