@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,7 @@ class RedactionStage:
 
 
 OWN_SECRET_MASK = b"[REDACTED:sidecar_secret]"
+OWN_SECRET_MASK_TEXT = OWN_SECRET_MASK.decode()
 
 
 def without_own_secrets(body: bytes) -> bytes:
@@ -293,24 +294,20 @@ def escaped_own_secrets_out(body: bytes, doc: Any) -> None:
         node = stack.pop()
         if isinstance(node, dict):
             for key in list(node):
-                value = node[key]
-                masked = text_without_own_secrets(key) if isinstance(key, str) else key
+                masked = text_without_own_secrets(key)
                 if masked != key:
-                    del node[key]
-                    node[masked] = value
-                if isinstance(value, str):
-                    node[masked] = text_without_own_secrets(value)
-                elif isinstance(value, dict | list):
-                    stack.append(value)
+                    node[masked] = node.pop(key)
+            entries: Iterable[tuple[Any, Any]] = list(node.items())
         elif isinstance(node, list):
-            for i, value in enumerate(node):
-                if isinstance(value, str):
-                    node[i] = text_without_own_secrets(value)
-                elif isinstance(value, dict | list):
-                    stack.append(value)
+            entries = enumerate(node)
+        else:
+            continue
+        for slot, value in entries:
+            if isinstance(value, str):
+                node[slot] = text_without_own_secrets(value)
+            elif isinstance(value, dict | list):
+                stack.append(value)
 
-
-OWN_SECRET_MASK_TEXT = OWN_SECRET_MASK.decode()
 
 
 def _possible_secrets_of(event: dict[str, Any]) -> Detectors:
