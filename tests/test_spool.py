@@ -638,6 +638,8 @@ async def test_the_cli_takes_a_sidecar_starting_or_closing_for_no_replaced_file(
     still in the lock file) or closes (SQLite removes the -wal), the CLI refused to work:
     the sidecar says so in the lock file then, and the CLI compares nothing. Without any
     record (it could not be written) the CLI still checks that the files are there."""
+    import sidecar.spool.store as store
+
     await put(spool, 1)
     lock = tmp_path / "spool.db.lock"
     assert set(orjson.loads(lock.read_bytes())) == {"wal", "shm"}  # recorded while it runs
@@ -646,10 +648,10 @@ async def test_the_cli_takes_a_sidecar_starting_or_closing_for_no_replaced_file(
     try:
         for state in (b"starting", b"closing"):
             lock.write_bytes(b'{"state": "%s"}' % state)
-            assert admin._replaced_under_sidecar(real) is None
+            assert store.replaced_under_sidecar(real) is None
         for record in (b"", b'{"wal": [0, 0], "shm": [0, 0]}'):
             lock.write_bytes(record)
-            assert admin._replaced_under_sidecar(real) == "-wal"
+            assert store.replaced_under_sidecar(real) == "-wal"
     finally:
         (tmp_path / "kept").rename(tmp_path / "spool.db-wal")
 

@@ -7,8 +7,6 @@ sidecar notices the change (PRAGMA data_version) and recounts.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +18,7 @@ from typing import Any
 import orjson
 
 from sidecar.spool.schema import REMEMBER_IDS, SCHEMA_VERSION
+from sidecar.spool.store import replaced_under_sidecar
 
 CHUNK = 1000
 DEAD_COLUMNS = "id, dead_reason, last_status, last_error, attempts, dead_at, received_at, payload"
@@ -34,7 +33,7 @@ def open_spool(path: str) -> Iterator[sqlite3.Connection]:
     if not Path(path).exists():
         raise AdminError(f"spool.path: {path} does not exist")
     real = Path(path).resolve()
-    if (replaced := _replaced_under_sidecar(real)) is not None:
+    if (replaced := replaced_under_sidecar(real)) is not None:
         # A running sidecar's -wal or -shm was removed or replaced: SQLite would write this
         # command's changes where the sidecar does not look (and, for a -wal, through the
         # index both share, so that the sidecar's next checkpoint copies a mix of the two
@@ -64,41 +63,6 @@ def open_spool(path: str) -> Iterator[sqlite3.Connection]:
         raise AdminError(f"{path}: {e}") from None
     finally:
         db.close()
-
-
-def _replaced_under_sidecar(real: Path) -> str | None:
-    """"-wal" or "-shm" if a running sidecar holds the spool's lock (see store._lock) and
-    that file is not the one it opened (recorded in the lock file); else None."""
-    try:
-        fd = os.open(f"{real}.lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # held: a sidecar runs
-        else:
-            return None
-        try:
-            recorded = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
-        except (OSError, orjson.JSONDecodeError):
-            recorded = {}  # unreadable: only whether the files are there can be told
-    finally:
-        os.close(fd)
-    if not isinstance(recorded, dict) or "state" in recorded:
-        return None  # starting up or closing: its files come and go, nothing to compare
-    for suffix in ("-wal", "-shm"):
-        side = Path(f"{real}{suffix}")
-        try:
-            st = side.stat()
-        except FileNotFoundError:
-            return suffix  # a running sidecar always has both
-        except OSError:
-            continue
-        if recorded.get(suffix[1:]) not in (None, [st.st_dev, st.st_ino]):
-            return suffix
-    return None
 
 
 @dataclass(frozen=True)

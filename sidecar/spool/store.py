@@ -476,7 +476,7 @@ class Spool:
         reserve = self.config.min_free_bytes
         low = None
         if reserve:
-            st = os.statvfs(os.path.dirname(self._watched[-1]) or ".")  # where the -wal is
+            st = os.statvfs(self._dirs[-1])  # where the -wal is
             if not st.f_blocks:  # a file system that tells nothing of its size
                 return
             disk = st.f_bavail * st.f_frsize
@@ -919,12 +919,16 @@ def _count(db: Db) -> SpoolCounts:
     return counts
 
 
-def _identity(path: str | Path) -> tuple[int, int] | None:
+def _stat(path: str | Path) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    st = _stat(path)
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def _free_pages_bytes(db: Db) -> int:
@@ -951,15 +955,9 @@ def _trusted(stamps: tuple[_Stamp | None, ...]) -> tuple[_Stamp | None, ...]:
 def _stamps(dirs: tuple[str, ...]) -> tuple[_Stamp | None, ...]:
     """Device, inode, modification and change time (ns) of each directory: any file
     added, removed or renamed in one changes them (see _check_file for coarse ticks)."""
-    stamps: list[_Stamp | None] = []
-    for path in dirs:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            stamps.append(None)
-            continue
-        stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(stamps)
+    stats = [_stat(path) for path in dirs]
+    return tuple(None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                 for st in stats)
 
 
 def _record_side_files(lock: int, files: tuple[tuple[int, int] | None, ...]) -> None:
@@ -982,6 +980,41 @@ def _mark(lock: int, record: bytes) -> bool:
         with contextlib.suppress(OSError):
             os.ftruncate(lock, 0)
         return False
+
+
+def replaced_under_sidecar(real: Path) -> str | None:
+    """"-wal" or "-shm" if a running sidecar holds the lock on the spool at ``real`` (its
+    resolved path) and that file is not the one it opened, as its lock file records it
+    (see _mark); else None. For the CLI, before it writes."""
+    try:
+        fd = os.open(f"{real}.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: a sidecar runs
+        else:
+            return None
+        try:
+            recorded = orjson.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, orjson.JSONDecodeError):
+            recorded = {}  # unreadable: only whether the files are there can be told
+    finally:
+        os.close(fd)
+    if not isinstance(recorded, dict) or "state" in recorded:
+        return None  # starting up or closing: its files come and go, nothing to compare
+    for suffix in ("-wal", "-shm"):
+        try:
+            found = _identity(f"{real}{suffix}")
+        except OSError:
+            continue
+        if found is None:
+            return suffix  # a running sidecar always has both
+        if recorded.get(suffix[1:]) not in (None, list(found)):
+            return suffix
+    return None
 
 
 def _refuse_foreign(path: Path) -> None:
