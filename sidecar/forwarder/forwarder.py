@@ -287,7 +287,7 @@ class Forwarder:
             self._delivered([e for e in part if e.id in present], ticket)
             return True
         if isinstance(decision, Split):
-            self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
+            self._count_failure(outcome, retried=False)
             self._split_lines("upstream answered %s for %d events: splitting", outcome.status,
                               len(part), events=len(part))
             return False
@@ -295,23 +295,24 @@ class Forwarder:
             await self._dead_letter(part, decision.reason, outcome, ticket)
             return True
         self._count_failure(outcome)
-        self.last_failure = _describe(outcome)
+        self.last_failure = described = _describe(outcome)
         delay = decision.delay_s
         if isinstance(decision, PauseAuth):
-            self._auth_failed(outcome)
+            self._auth_failed()
         else:
             assert isinstance(decision, Retry)
             if self.client.api_key != self._rejected_key:
                 self._auth_accepted()  # a new key met an outage, not a rejection
         self.circuit.record_failure(delay)
         self._refresh_state(outcome)
-        await self.spool.reschedule(part, time.time() + delay, outcome.status, _describe(outcome))
+        await self.spool.reschedule(part, time.time() + delay, outcome.status, described)
         return False
 
-    def _count_failure(self, outcome: Outcome) -> None:
-        """A failed request whose events are sent again."""
+    def _count_failure(self, outcome: Outcome, retried: bool = True) -> None:
+        """A failed request; ``retried``: its events are sent again as they were."""
         self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
-        self.metrics.retries.inc()
+        if retried:
+            self.metrics.retries.inc()
 
     def _delivered(self, part: Sequence[StoredEvent], ticket: int) -> None:
         now = time.time()
@@ -339,7 +340,7 @@ class Forwarder:
         kept = await self.spool.dead_letter(part, reason, outcome.status, _describe(outcome))
         self.metrics.events_dead_lettered.labels(reason).inc(kept)
         if outcome.status is not None and outcome.status >= 400:
-            self.metrics.delivery_failures.labels(failure_reason(outcome)).inc()
+            self._count_failure(outcome, retried=False)
         self._dead_letter_lines(
             "dead-lettered %d events (%s, upstream %s): see `precogx-sidecar dead-letters list`",
             kept, reason, outcome.status, events=kept,
@@ -371,7 +372,7 @@ class Forwarder:
 
     # -- state -----------------------------------------------------------------
 
-    def _auth_failed(self, outcome: Outcome) -> None:
+    def _auth_failed(self) -> None:
         self._rejected_key = self.client.api_key
         if not self.auth_rejected:
             self.auth_rejected = True
@@ -379,7 +380,7 @@ class Forwarder:
         elif self._reloaded:
             # No change of state to log, but whoever sent SIGHUP must learn it did not help.
             log.error("PrecogX rejected the reloaded API key too (%s): forwarding stays paused",
-                      _describe(outcome))
+                      self.last_failure)
         self._reloaded = False
 
     def _refresh_state(self, outcome: Outcome | None = None, announce: bool = True) -> None:
