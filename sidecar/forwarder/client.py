@@ -67,6 +67,8 @@ def _env_proxy(url: str) -> str | None:
         log.warning("%s_PROXY is a %s proxy, which the sidecar cannot use: sending to "
                     "PrecogX directly", parsed.scheme.upper(), shown.scheme)
         return None
+    log.info("upstream requests go through the proxy %s://%s (%s_PROXY)",
+             shown.scheme, shown.hostname, parsed.scheme.upper())
     return proxy
 
 
@@ -81,10 +83,6 @@ class UpstreamClient:
 
     async def start(self) -> None:
         self._proxy = _env_proxy(self._url)
-        if self._proxy:
-            shown = urllib.parse.urlsplit(self._proxy)
-            log.info("upstream requests go through the proxy %s://%s (HTTPS_PROXY / "
-                     "HTTP_PROXY)", shown.scheme, shown.hostname)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             connector=aiohttp.TCPConnector(limit=self.config.concurrency + 1),
