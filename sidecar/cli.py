@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
         spool_sub, "check", _spool_check,
         "SQLite integrity check plus the spool's invariants; exit 1 on a problem.",
     )
+    _command(
+        spool_sub, "compact", _spool_compact,
+        "Rewrite the spool file without its free pages (the sidecar must be stopped).",
+    )
     return parser
 
 
@@ -301,15 +305,22 @@ def _redact(args: argparse.Namespace) -> int:
 # -- dead letters and spool ------------------------------------------------------
 
 
-def _with_spool(args: argparse.Namespace, work: Callable[[Any], int]) -> int:
+def _operate(args: argparse.Namespace, run: Callable[[Config], int]) -> int:
+    """An operator command on the configured spool; what stops it, as one line."""
     try:
-        cfg = _load(args)
-        with admin.open_spool(cfg.spool.path) as db:
-            return work(db)
+        return run(_load(args))
     except ConfigError as e:
         return _fail(f"config error: {e}")
     except admin.AdminError as e:
         return _fail(str(e))
+
+
+def _with_spool(args: argparse.Namespace, work: Callable[[Any], int]) -> int:
+    def run(cfg: Config) -> int:
+        with admin.open_spool(cfg.spool.path) as db:
+            return work(db)
+
+    return _operate(args, run)
 
 
 def _selection(args: argparse.Namespace) -> admin.Selection:
@@ -409,9 +420,23 @@ def _spool_stats(args: argparse.Namespace) -> int:
         print(f"oldest       {'-' if age is None else f'{age:.1f}s'}")
         for reason, n in stats["dead_by_reason"].items():
             print(f"{'dead/' + reason:<12} {n}")
+        print(f"file bytes   {stats['file_bytes']}")
+        gives_back = "" if stats["gives_back_space"] else " (kept: see `spool compact`)"
+        print(f"free bytes   {stats['free_bytes']}{gives_back}")
         return 0
 
     return _with_spool(args, work)
+
+
+def _spool_compact(args: argparse.Namespace) -> int:
+    def run(cfg: Config) -> int:
+        path = cfg.spool.path
+        print(f"compacting {path} (rewrites the whole file) ...", file=sys.stderr)
+        before, after = admin.compact(path)
+        print(f"{path}: {before} bytes on disk before, {after} after")
+        return 0
+
+    return _operate(args, run)
 
 
 def _spool_check(args: argparse.Namespace) -> int:

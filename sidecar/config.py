@@ -85,7 +85,9 @@ class SpoolConfig:
     when_full: str = _opt("reject", choices=("reject", "drop_oldest"), doc="full spool policy")
     synchronous: str = _opt("FULL", choices=("FULL", "NORMAL"), doc="SQLite durability level")
     commit_max_events: int = _opt(5000, ge=1, doc="most events in one group commit")
-    checkpoint_interval_s: float = _opt(1.0, gt=0, doc="how often the WAL is checkpointed")
+    checkpoint_interval_s: float = _opt(
+        1.0, gt=0, doc="how often the WAL is checkpointed and freed room given back"
+    )
     min_free_bytes: int = _opt(
         64 * MIB, ge=0, doc="free disk kept for deliveries and checkpoints (0 = no check)"
     )

@@ -94,6 +94,11 @@ class Metrics:
             p + "spool_events", "Events in the spool, by state.", ["state"], registry=r
         )
         self.spool_bytes = Gauge(p + "spool_bytes", "Payload bytes in the spool.", registry=r)
+        self.spool_file_bytes = Gauge(
+            p + "spool_file_bytes",
+            "Size of the spool file with its -wal and -shm: payloads, SQLite's pages, free "
+            "pages not yet given back, the WAL.", registry=r,
+        )
         # Exported so an alert can say "90 % full" without knowing the configuration.
         self.spool_capacity_events = Gauge(
             p + "spool_capacity_events", "spool.max_events: events the spool may hold.",

@@ -145,6 +145,7 @@ class Server:
         m.spool_events.labels("inflight").set_function(lambda: len(spool.inflight))
         m.spool_events.labels("dead").set_function(lambda: spool.counts.dead)
         m.spool_bytes.set_function(lambda: spool.counts.bytes)
+        m.spool_file_bytes.set_function(spool.file_bytes)
         m.spool_capacity_events.set(self.config.spool.max_events)
         m.spool_capacity_bytes.set(self.config.spool.max_bytes)
         # The age as of the scrape; the oldest event is looked up by the upkeep pass.
@@ -192,15 +193,17 @@ class Server:
     # -- background upkeep -------------------------------------------------------
 
     async def _maintain(self) -> None:
-        """Checkpoint the WAL, watch the disk, track the oldest pending event, notice CLI
-        edits, prune keys: each on its own, so that one failing (a checkpoint, say) does
-        not stop the others."""
+        """Give freed pages back, checkpoint the WAL, watch the disk, track the oldest
+        pending event, notice CLI edits, prune keys: each on its own, so that one failing
+        (a checkpoint, say) does not stop the others."""
         interval = self.config.spool.checkpoint_interval_s
         last_prune = time.monotonic()
         failing: dict[str, str] = {}  # step -> its error, one line per change
         while True:
             await asyncio.sleep(interval)
             steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                # Before the checkpoint, which cuts the pages given back off the file.
+                ("reclaim", self.spool.reclaim),
                 ("checkpoint", self.spool.checkpoint),
                 ("free space check", self.spool.check_free_space),
                 ("oldest event lookup", self._track_oldest),

@@ -188,6 +188,23 @@ async def test_spool_stats_and_check(start_sidecar: StartSidecar, fake: FakePrec
     assert "dead/rejected 2" in out  # reasons longer than the column still get a space
     code, out, _ = await cli(sidecar, "spool", "check")
     assert (code, out.strip()) == (0, "ok")
+    assert stats["file_bytes"] > stats["bytes"]  # the payloads and SQLite's pages
+    assert stats["gives_back_space"] is True
+    assert stats["free_bytes"] >= 0
+
+
+async def test_spool_compact_waits_for_the_sidecar_to_stop(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    sidecar, _, _ = await with_dead_letters(start_sidecar, fake)
+    code, _, err = await cli(sidecar, "spool", "compact")
+    assert code == 1 and "a sidecar is running on" in err and "stop it first" in err
+    await sidecar.stop()
+    code, out, err = await cli(sidecar, "spool", "compact")
+    assert code == 0, err
+    assert "bytes on disk before" in out and "compacting" in err
+    code, out, _ = await cli(sidecar, "dead-letters", "list", "--json")
+    assert len(orjson.loads(out)) == 2  # nothing lost on the way
 
 
 async def check_after(sidecar: Sidecar, *edits: tuple[str, tuple[Any, ...]]) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ from sidecar.spool import (
     SpoolUnavailable,
     SpoolVersionError,
     admin,
+    store,
 )
 from sidecar.spool.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -546,6 +548,123 @@ async def test_the_writer_finishes_a_checkpoint_the_reader_could_not(tmp_path: P
     await grow_wal(spool, 1)  # this commit first copies the rest, then rewinds
     assert wal_frames_after_commit(path) <= 4
     await spool.close()
+
+
+@pytest.mark.usefixtures("short_wal")
+async def test_a_wal_grown_by_a_burst_is_cut_back_on_its_next_rewind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite rewinds a checkpointed WAL but keeps its file at the largest size it had."""
+    monkeypatch.setattr("sidecar.spool.connection.WAL_SIZE_LIMIT", 8 * 4096)
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await grow_wal(spool, 40)
+    await spool.checkpoint()
+    await grow_wal(spool, 1)
+    assert path.with_name("spool.db-wal").stat().st_size <= 8 * 4096
+    await spool.close()
+
+
+# -- giving back the room delivered events freed ------------------------------------
+
+SLACK, STEP = 64, 32  # pages
+
+
+@pytest.fixture
+def small_reclaim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sidecar.spool.store.RECLAIM_SLACK_PAGES", SLACK)
+    monkeypatch.setattr("sidecar.spool.store.RECLAIM_STEP_PAGES", STEP)
+
+
+def free_pages(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+async def fill_and_drain(spool: Spool, events: int) -> None:
+    """About 4 KiB (a page) per event stored, then delivered and deleted."""
+    ids = spool.allocate_ids(events)
+    await spool.append(ids, [b'{"x": "%s"}' % (b"y" * 4000) for _ in ids])
+    await spool.checkpoint()
+    while batch := await spool.claim(500, 1 << 30):
+        await spool.delete(batch)
+    await spool.checkpoint()
+
+
+@pytest.mark.usefixtures("small_reclaim")
+async def test_the_room_delivered_events_freed_goes_back_to_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await fill_and_drain(spool, 600)
+    full, freed = path.stat().st_size, free_pages(path)
+    assert freed >= 600
+    await spool.reclaim()
+    # A step a pass: a commit never waits long behind one.
+    assert free_pages(path) == freed - STEP
+    for _ in range(freed // STEP + 2):
+        await spool.reclaim()
+        await spool.checkpoint()
+    assert free_pages(path) == SLACK  # kept for new events to reuse
+    assert path.stat().st_size <= full - (freed - SLACK) * 4096
+    ids = await put(spool, 3)  # and the spool goes on working
+    assert [e.id for e in await spool.claim(10, 1 << 20)] == ids
+    await spool.close()
+    assert admin.check(sqlite3.connect(path)) == []
+
+
+@pytest.mark.usefixtures("small_reclaim")
+async def test_an_older_spool_keeps_its_room_until_compacted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool made before pages were given back (auto_vacuum none) cannot start doing it
+    by itself: `spool compact`, with the sidecar stopped, converts it."""
+    caplog.set_level(logging.INFO, "sidecar.spool")
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await spool.close()
+    with sqlite3.connect(path, isolation_level=None) as db:
+        db.execute("PRAGMA auto_vacuum = NONE")
+        db.execute("VACUUM")
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    assert "spool compact" in caplog.text
+    await fill_and_drain(spool, 300)
+    kept = await put(spool, 2)
+    freed = free_pages(path)
+    await spool.reclaim()
+    assert free_pages(path) == freed
+    with pytest.raises(admin.AdminError, match=r"a sidecar is running on .*stop it first"):
+        admin.compact(str(path))
+    await spool.close()
+    with sqlite3.connect(path) as db:
+        before = db.execute("SELECT id, state, payload FROM events ORDER BY id").fetchall()
+    size_before, size_after = admin.compact(str(path))
+    assert size_after < size_before - 250 * 4096
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT id, state, payload FROM events ORDER BY id").fetchall() \
+            == before
+        assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
+    assert [row[0] for row in before] == kept
+    assert admin.check(sqlite3.connect(path)) == []
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await fill_and_drain(spool, 300)
+    await spool.reclaim()
+    assert free_pages(path) < 300  # now it does
+    await spool.close()
+
+
+async def test_no_sidecar_starts_on_a_spool_being_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    lock = store.lock_spool(path, store.COMPACTING)
+    try:
+        with pytest.raises(SpoolInUse, match="spool compact` is rewriting this spool"):
+            await Spool(SpoolConfig(path=str(path))).open()
+    finally:
+        os.close(lock)
 
 
 @pytest.mark.parametrize(("version", "advice"), [

@@ -7,6 +7,7 @@ sidecar notices the change (PRAGMA data_version) and recounts.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,15 @@ from typing import Any
 import orjson
 
 from sidecar.spool.schema import REMEMBER_IDS, SCHEMA_VERSION
-from sidecar.spool.store import replaced_under_sidecar
+from sidecar.spool.store import (
+    AUTO_VACUUM_INCREMENTAL,
+    COMPACTING,
+    SpoolInUse,
+    lock_spool,
+    replaced_under_sidecar,
+    size_on_disk,
+    spool_files,
+)
 
 CHUNK = 1000
 DEAD_COLUMNS = "id, dead_reason, last_status, last_error, attempts, dead_at, received_at, payload"
@@ -198,7 +207,51 @@ def _stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
         "dead_by_reason": by_reason,
         "idempotency_keys": db.execute("SELECT count(*) FROM idempotency").fetchone()[0],
         "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
+        **_disk(db),
     }
+
+
+def _disk(db: sqlite3.Connection) -> dict[str, Any]:
+    """What the file takes on disk, how much of it is free pages, and whether a running
+    sidecar gives those back (a spool made by an earlier version: after `compact`)."""
+    path = next(row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main")
+    free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    auto_vacuum = db.execute("PRAGMA auto_vacuum").fetchone()[0]
+    return {
+        "file_bytes": size_on_disk(spool_files(Path(path))),
+        "free_bytes": free_pages * page_size,
+        "gives_back_space": auto_vacuum == AUTO_VACUUM_INCREMENTAL,
+    }
+
+
+def compact(path: str) -> tuple[int, int]:
+    """Rewrite the spool file without its free pages, as one that gives freed pages back
+    from then on; its size on disk before and after. Only with no sidecar running on it:
+    VACUUM holds the write lock for as long as it takes (a commit would wait that long),
+    and the lock is held meanwhile, so that no sidecar starts on it either."""
+    if not Path(path).exists():
+        raise AdminError(f"spool.path: {path} does not exist")
+    try:
+        lock = lock_spool(Path(path), COMPACTING)
+    except SpoolInUse:
+        raise AdminError(
+            f"a sidecar is running on {path}: stop it first (SIGTERM); what it holds stays "
+            "in the spool"
+        ) from None
+    except OSError as e:
+        raise AdminError(f"spool.path: cannot lock {path}: {e.strerror}") from None
+    try:
+        files = spool_files(Path(path))
+        before = size_on_disk(files)
+        with open_spool(path) as db:
+            db.execute(f"PRAGMA auto_vacuum = {AUTO_VACUUM_INCREMENTAL}")
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return before, size_on_disk(files)
+    finally:
+        os.ftruncate(lock, 0)
+        os.close(lock)
 
 
 # Each invariant: a query returning offending rows, and what it means.

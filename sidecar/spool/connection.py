@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Above any WAL of steady load (the spool checkpoints each second), so that the file is
+# overwritten in place then, not cut and grown again at every rewind.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 # Room for the INSERT of every group size (store.MAX_INSERT_ROWS) besides the rest.
 CACHED_STATEMENTS = 512
 
@@ -56,7 +60,15 @@ class DbThread:
             await asyncio.to_thread(self._thread.join)
 
     def _configure(self, db: sqlite3.Connection) -> None:
+        # Before the WAL switch writes the file's first page: only a file without tables
+        # takes it (a spool made before this stays as it was until `spool compact`).
+        # Incremental: pages that delivered events freed can be given back to the disk
+        # (Spool.reclaim), a few at a time, instead of the file keeping its largest size.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("PRAGMA journal_mode = WAL")
+        # SQLite rewinds a WAL that a checkpoint copied, but keeps its file at the largest
+        # size it ever had (a burst, a long checkpoint); cut back to this on each rewind.
+        db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         db.execute(f"PRAGMA synchronous = {self._synchronous}")
         # Another process (the CLI) may hold the write lock briefly: wait, don't fail.
         db.execute("PRAGMA busy_timeout = 5000")

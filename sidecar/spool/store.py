@@ -51,6 +51,13 @@ CHECKPOINT_PASSES = 8
 # system): said once in the log and on /readyz, while the requests go on waiting.
 COMMIT_STALL_S = 5.0
 LOCK_TRIES, LOCK_RETRY_S = 5, 0.02
+# Free pages (4 KiB each) kept in the file for new events to reuse: a steady flow frees
+# and reuses about this many, and giving them back only to grow the file again costs
+# writes for nothing. Beyond it, each upkeep pass gives back this many more (about 5 ms
+# of the writer's time), so that commits never wait long behind it.
+RECLAIM_SLACK_PAGES = 2048
+RECLAIM_STEP_PAGES = 256
+AUTO_VACUUM_INCREMENTAL = 2
 
 
 class SpoolFull(Exception):
@@ -190,12 +197,13 @@ class Spool:
         self._dirs: tuple[str, ...] = ()
         self._dir_stamps: tuple[_Stamp | None, ...] = ()
         self._replaced = False
+        self._reclaims = False  # the file gives freed pages back (auto_vacuum incremental)
 
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self._path)
+        self._lock = lock_spool(self._path)
         try:
             _refuse_foreign(self._path)
         except BaseException:
@@ -205,7 +213,7 @@ class Spool:
         try:
             await self._writer_db.call(self._load_state)
             real = self._path.resolve()
-            self._watched = (str(self._path), f"{real}-wal", f"{real}-shm")
+            self._watched = spool_files(self._path)
             self._dirs = tuple(dict.fromkeys((str(self._path.parent), str(real.parent))))
             self._dir_stamps = _trusted(_stamps(self._dirs))  # first: a change after shows
             self._files = _identities(self._watched)
@@ -245,6 +253,12 @@ class Spool:
         self._next_id = max(int(next_id), max_id + 1)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self.counts = _count(db)
+        auto_vacuum = db.execute("PRAGMA auto_vacuum").fetchone()[0]
+        self._reclaims = auto_vacuum == AUTO_VACUUM_INCREMENTAL
+        if not self._reclaims:
+            log.info("the spool file, made by an earlier version, keeps the room that "
+                     "delivered events freed: `precogx-sidecar spool compact`, with the "
+                     "sidecar stopped, makes it give that back to the disk")
 
     async def close(self) -> None:
         """Commit everything already handed in, then close. New appends are refused."""
@@ -495,6 +509,9 @@ class Spool:
                 log.info("the disk holding the spool has room again: accepting events")
         self.disk_low = low
 
+    def file_bytes(self) -> int:
+        return size_on_disk(self._watched)
+
     async def oldest_pending_received_at(self) -> float | None:
         sql = "SELECT received_at FROM events WHERE state = 'pending' ORDER BY id LIMIT 1"
         row = await self._reader_db.call(lambda db: db.execute(sql).fetchone())
@@ -525,6 +542,20 @@ class Spool:
             if frames - copied <= WAL_FINISH_FRAMES:
                 break
         self._finish_checkpoint = True
+
+    async def reclaim(self) -> None:
+        """Give the disk back some of the pages delivered events freed, RECLAIM_STEP_PAGES
+        a pass, past the RECLAIM_SLACK_PAGES kept for reuse. The file shrinks when a
+        checkpoint has copied the change into it."""
+        if not self._reclaims:
+            return
+        excess = await self._reader_db.call(_free_pages) - RECLAIM_SLACK_PAGES
+        if excess <= 0:
+            return
+        # A job of its own, between two group commits, not an op in a group's
+        # transaction: see _give_back_pages.
+        pages = min(excess, RECLAIM_STEP_PAGES)
+        await self._writer_db.call(functools.partial(_give_back_pages, pages))
 
     async def prune_idempotency_keys(self) -> None:
         cutoff = (time.time() - self.idempotency_ttl_s,)
@@ -919,6 +950,23 @@ def _count(db: Db) -> SpoolCounts:
     return counts
 
 
+def spool_files(path: Path) -> tuple[str, str, str]:
+    """The file through ``path`` (symlinks followed), its -wal and its -shm: SQLite names
+    those after the resolved path."""
+    real = path.resolve()
+    return str(path), f"{real}-wal", f"{real}-shm"
+
+
+def size_on_disk(files: Iterable[str]) -> int:
+    """Their sizes added up; one that cannot be looked at counts 0 (this runs at a metrics
+    scrape, which must still answer)."""
+    total = 0
+    for path in files:
+        with contextlib.suppress(OSError):
+            total += os.stat(path).st_size
+    return total
+
+
 def _stat(path: str | Path) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -931,9 +979,20 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return None if st is None else (st.st_dev, st.st_ino)
 
 
+def _free_pages(db: Db) -> int:
+    return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
 def _free_pages_bytes(db: Db) -> int:
-    pages = db.execute("PRAGMA freelist_count").fetchone()[0]
-    return int(pages) * int(db.execute("PRAGMA page_size").fetchone()[0])
+    return _free_pages(db) * int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
+def _give_back_pages(pages: int, db: Db) -> None:
+    """Move ``pages`` free pages to the end of the file and cut them off, as a transaction
+    of its own. executescript, because each step of this PRAGMA frees one page and
+    execute() takes only the first step; and it runs every step with the GIL released
+    once (per statement, this thread would wait for a busy event loop each time)."""
+    db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
 
 
 def _identities(paths: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
@@ -1041,12 +1100,15 @@ def _refuse_foreign(path: Path) -> None:
         )
 
 
-def _lock(spool: Path) -> int:
+COMPACTING = b'{"state": "compacting"}'
+
+
+def lock_spool(spool: Path, record: bytes = b'{"state": "starting"}') -> int:
     """An exclusive lock on the spool's lock file for as long as the returned descriptor
     is open (the kernel drops it when the process dies, however it dies). Two sidecars on
     one spool would hand out the same ids for different events, and each would deliver
     and delete what the other stored. Named after the file itself, so that no symlink or
-    relative path gets round it."""
+    relative path gets round it. `spool compact` holds it too (``record``: says so)."""
     path = Path(f"{spool.resolve()}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     # A few tries: a CLI command looks whether a sidecar runs by taking the lock shared
@@ -1057,13 +1119,19 @@ def _lock(spool: Path) -> int:
             break
         except BlockingIOError:
             if attempt == LOCK_TRIES - 1:
+                holder = os.pread(fd, len(COMPACTING), 0)
                 os.close(fd)
+                if holder == COMPACTING:
+                    raise SpoolInUse(
+                        "`precogx-sidecar spool compact` is rewriting this spool; start the "
+                        "sidecar when it has finished"
+                    ) from None
                 raise SpoolInUse(
                     f"another sidecar is running on this spool (it holds {path}); each "
                     "sidecar needs a spool.path of its own"
                 ) from None
             time.sleep(LOCK_RETRY_S)
-    _mark(fd, b'{"state": "starting"}')  # the last run's record is no longer true
+    _mark(fd, record)  # the last run's record is no longer true
     return fd
 
 
