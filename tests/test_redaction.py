@@ -105,6 +105,9 @@ POSITIVES = [
     ("ipv6", "[fe80::1]:8080", ["fe80::1"]),
     ("ipv6", "id:2001:db8::7334 up", ["2001:db8::7334"]),
     ("ipv6", "at :2001:db8::7334: ok", ["2001:db8::7334"]),
+    # A port written without brackets, or a word after a colon: the address before it.
+    ("ipv6", "from 2001:db8::7334:50000 up", ["2001:db8::7334"]),
+    ("ipv6", " 2001:db8::7334:0G", ["2001:db8::7334"]),
     ("jwt", f"Bearer {JWT}", [JWT]),
     ("precogx_key", "key px_live_abcdefghijklmnop1234", ["px_live_abcdefghijklmnop1234"]),
     ("precogx_key", "px_test_0123456789abcdef", ["px_test_0123456789abcdef"]),

@@ -443,6 +443,7 @@ _V6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _V6_TAIL = re.compile(r"[0-9A-Fa-f:.]*")
 _V6_CHARS = frozenset(string.hexdigits + ":.")
 _MAX_V6_RUN = 64
+_MAX_V6_ADDRESS = 45  # "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
 
 
 def _ipv6_run(text: str, colon: int) -> Span:
@@ -463,7 +464,7 @@ def _ipv6_address(text: str, start: int, end: int) -> bool:
     # A time such as 12:30:45 has neither "::" nor the six or more colons of a full
     # address; and a digit: "A::B" is C++, not an address. (Cheapest first: this runs
     # for every time of day in a log.)
-    if len(candidate) > 45 or ("::" not in candidate and candidate.count(":") < 6):
+    if len(candidate) > _MAX_V6_ADDRESS or ("::" not in candidate and candidate.count(":") < 6):
         return False
     if _ANY_DIGIT.search(candidate) is None:
         return False
@@ -480,16 +481,34 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
         end -= 1
     if text[end - 2 : end] != "::" and text[end - 1 : end] == ":":
         end -= 1
-    if (end < len(text) and text[end] in _TOKEN_CHARS) or not _ANY_DIGIT.search(text, start, end):
-        return None  # glued to a word after it, or no digit (see _ipv6_address)
-    if not _glued_to_token(text, start) and _ipv6_address(text, start, end):
-        return start, end
+    if end < len(text) and text[end] in _TOKEN_CHARS:
+        # Glued to a word after it: only what comes before its last colon may be an
+        # address ("2001:db8::7334:0G", an address, a colon, a word).
+        end = max(text.rfind(":", start, end), start)
+    if not _ANY_DIGIT.search(text, start, end):
+        return None  # see _ipv6_address
+    if not _glued_to_token(text, start) and (found := _address_end(text, start, end)):
+        return start, found
     # After a label or a colon: "ip:2001:db8::1" (the "d:" of "id:" is hex), ":2001:db8::1".
     # "host:::1": the address after the label may itself start with "::".
     label_end = text.find(":", start, end)
     if label_end < 0:
         return None
-    return (label_end + 1, end) if _ipv6_address(text, label_end + 1, end) else None
+    found = _address_end(text, label_end + 1, end)
+    return (label_end + 1, found) if found else None
+
+
+def _address_end(text: str, start: int, end: int) -> int | None:
+    """Where the longest address from ``start`` ends, up to ``end``: the whole run, else
+    the run without its last groups. "2001:db8::7334:50000", an address and a port
+    written without brackets, is no address as a whole, and its address was left."""
+    # The longest address is 45 characters: a longer run is only cut back that far.
+    longest = start + _MAX_V6_ADDRESS
+    while end > start:
+        if end <= longest and _ipv6_address(text, start, end):
+            return end
+        end = text.rfind(":", start, min(end, longest + 1))
+    return None
 
 
 def _find_ipv6(t: Text) -> list[Span]:
