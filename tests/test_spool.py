@@ -611,6 +611,8 @@ async def test_the_room_delivered_events_freed_goes_back_to_the_disk(tmp_path: P
     ids = await put(spool, 3)  # and the spool goes on working
     assert [e.id for e in await spool.claim(10, 1 << 20)] == ids
     await spool.close()
+    with pytest.raises(SpoolUnavailable):  # rather than wait for a thread that is gone
+        await spool.reclaim()
     assert admin.check(sqlite3.connect(path)) == []
 
 

@@ -547,6 +547,7 @@ class Spool:
         """Give the disk back some of the pages delivered events freed, RECLAIM_STEP_PAGES
         a pass, past the RECLAIM_SLACK_PAGES kept for reuse. The file shrinks when a
         checkpoint has copied the change into it."""
+        self._check_open()
         if not self._reclaims:
             return
         excess = await self._reader_db.call(_free_pages) - RECLAIM_SLACK_PAGES
@@ -589,9 +590,12 @@ class Spool:
 
     # -- the writer --------------------------------------------------------------
 
-    async def _submit(self, run: Callable[[Db], Any], after: Callable[[Any], None]) -> Any:
+    def _check_open(self) -> None:
         if self._writer_task is None or self._writer_task.done():
             raise SpoolUnavailable("spool is closed")
+
+    async def _submit(self, run: Callable[[Db], Any], after: Callable[[Any], None]) -> Any:
+        self._check_open()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ops.append(_Op(run, after, future))
         self._wake.set()
