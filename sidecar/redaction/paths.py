@@ -70,9 +70,9 @@ def render(trail: Trail, key: str | int) -> str:
     return "".join(parts)
 
 
-def compile_path(steps: Steps) -> Locator:
-    """A function returning every slot the steps select in an event; a missing key or a
-    value of another type selects none.
+def compile_path(steps: Steps, leaves: type = object) -> Locator:
+    """A function returning every slot the steps select in an event whose value is a
+    ``leaves``; a missing key or a value of another type selects none.
 
     Made once per rule, as a chain of small functions, one per wildcard or run of names,
     so following a path does no interpretation of it; a single name, the commonest path,
@@ -80,9 +80,12 @@ def compile_path(steps: Steps) -> Locator:
     """
     if len(steps) == 1 and steps[0] not in (ANY_KEY, ANY_ITEM):
         name = steps[0]
-        return lambda root: [(root, name, root[name], ())] if name in root else []
+        return lambda root: (
+            [(root, name, root[name], ())]
+            if name in root and isinstance(root[name], leaves) else []
+        )
     handler: _Handler | None = None
-    takes: type = object
+    takes: type = leaves
     for run in reversed(_runs(steps)):
         handler = _handler(run, handler, takes)
         takes = list if run == (ANY_ITEM,) else dict
@@ -140,17 +143,21 @@ def names_trail(names: Steps) -> Trail:
 def _handler(run: Steps, then: _Handler | None, takes: type) -> _Handler:
     """One wildcard or run of names: select children of a value, then hand each to the
     next step (or keep it, after the last). ``takes`` is the type the next step looks
-    into: a child of any other type is passed over here, saving two calls for each."""
+    into (or the last keeps): a child of any other type is passed over here, saving two
+    calls for each."""
 
     def select(value: Any, trail: Trail, found: list[Slot], key: Any, child: Any) -> None:
+        if not isinstance(child, takes):
+            return
         if then is None:
             found.append((value, key, child, trail))
-        elif isinstance(child, takes):
+        else:
             then(child, (trail, key), found)
 
     def select_all(value: Any, trail: Trail, found: list[Slot], children: Iterable[Any]) -> None:
         if then is None:
-            found += [(value, key, child, trail) for key, child in children]
+            found += [(value, key, child, trail) for key, child in children
+                      if isinstance(child, takes)]
         else:
             for key, child in children:
                 if isinstance(child, takes):
