@@ -320,6 +320,19 @@ def test_the_fast_trigger_check_names_each_detector_by_its_literals() -> None:
     )
 
 
+def test_the_fast_trigger_check_says_where_credentials_can_start() -> None:
+    """No literal starts before the position it gives, nor (in text) does a match."""
+    from sidecar.redaction.stage import secret_triggers_in
+
+    for literals in TRIGGER_LITERALS.values():
+        for literal in literals:
+            for before in (b"", b"x", b"\xc3\xa9" * 4, b"a-b_c A J " * 3):
+                body = before + literal + b" " + literal
+                names, start = secret_triggers_in(body)
+                assert names and 0 <= start <= len(before), body
+    assert secret_triggers_in(b"nothing here") == ((), 12)
+
+
 @settings(max_examples=500, database=None, deadline=None)
 @given(st.lists(st.sampled_from([*SECRET_EXAMPLES.values(), "sk-", "x", " ", "_", "-", "J"]),
                 max_size=6).map("".join))

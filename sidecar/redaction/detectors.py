@@ -40,12 +40,17 @@ _HEX_DIGITS = frozenset(string.hexdigits)
 
 
 class Text:
-    """A text being scanned, with its shape made at most once for all detectors."""
+    """A text being scanned, with its shape made at most once for all detectors.
 
-    __slots__ = ("_shape", "text")
+    ``start``: no match of a credential detector starts before it (the request body's
+    pre-check saw none of their literals there). A hint: finders may search from it, or
+    ignore it."""
 
-    def __init__(self, text: str) -> None:
+    __slots__ = ("_shape", "start", "text")
+
+    def __init__(self, text: str, start: int = 0) -> None:
         self.text = text
+        self.start = start
         self._shape: bytes | None = None
 
     @property
@@ -125,7 +130,7 @@ def _in_text(
         if gate and gate not in text:
             return []
         spans: list[Span] = []
-        i = text.find(needle, back)
+        i = text.find(needle, t.start + back)
         while i >= 0:
             start = i - back
             skip = (lead and text[start : i + lead_end] != lead) or (

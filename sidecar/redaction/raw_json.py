@@ -25,13 +25,13 @@ _AGENT_ID_KEY = '"agentId"'
 
 
 def mask_in_json(
-    text: str, find: Callable[[Text], list[Found]], markers: Markers
+    text: str, find: Callable[[Text], list[Found]], markers: Markers, start: int = 0
 ) -> tuple[str, int] | None:
     """``text``, a JSON document without ``\\u`` escapes, with every match of ``find``
     (plain detectors only) masked as the credential rule masks it (``markers``: what it
     leaves alone), and how many were; None if a match lies in a key or in an agentId
-    value, or is glued to more text."""
-    spans = to_replace(text, find(Text(text)), markers)
+    value, or is glued to more text. ``start``: none of their matches starts before it."""
+    spans = to_replace(text, find(Text(text, start)), markers)
     if not spans:
         return text, 0
     pieces: list[str] = []

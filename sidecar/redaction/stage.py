@@ -59,18 +59,23 @@ SECRET_TRIGGERS = re.compile(
 # some hundred times faster than any regex over a large body, and most bodies lack most
 # of these bytes. The byte is held as an int: ``bytes in bytes`` first tries its operand
 # as an int and formats (then drops) a TypeError, five times the cost of the memchr.
-# Each group's gate is the shared byte, then what follows it in each detector's literal:
+# Each group's regex is the shared byte, then what follows it in each detector's literal:
 # the byte in front lets the engine skip to it (a regex holding all literals at once,
-# like SECRET_TRIGGERS, tries every alternative at every byte). Only from where the
-# gate first matches is each detector of the group looked for on its own.
+# like SECRET_TRIGGERS, tries every alternative at every byte). Each detector's branch
+# ends in an empty group of its own, so one pass over the body names every detector of
+# the group it holds (the match's lastindex), rather than one search per detector. No
+# byte is the group's byte in two literals (private_key's is the last dash, not the
+# first, which may end "sk-"): a pass finds each literal at a byte of its own.
 # tests/test_redaction_e2e.py checks that both name the same bodies.
-_Group = tuple[int, re.Pattern[bytes], tuple[tuple[str, re.Pattern[bytes]], ...]]
+_Member = tuple[str, re.Pattern[bytes]]
+_Group = tuple[int, re.Pattern[bytes], tuple[_Member, ...]]
 
 
 def _group(byte: bytes, **tails: bytes) -> _Group:
     """``tails``: what follows the byte in each detector's literal, by detector."""
+    branches = b"|".join(tail + b"()" for tail in tails.values())
     members = tuple((name, re.compile(byte + tail)) for name, tail in tails.items())
-    return ord(byte), re.compile(byte + b"(?:" + b"|".join(tails.values()) + b")"), members
+    return ord(byte), re.compile(byte + b"(?:" + branches + b")"), members
 
 
 _TRIGGERS: tuple[_Group, ...] = (
@@ -78,9 +83,12 @@ _TRIGGERS: tuple[_Group, ...] = (
     _group(b"_", precogx_key=rb"(?<=px_)(?:live|test)_",
            github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?<=xox[baprs]-)",
-           private_key=rb"----BEGIN"),
+           private_key=rb"(?<=-----)BEGIN"),
     _group(b"A", aws_access_key=rb"[KS]IA"),
 )
+# No literal starts more than this many bytes before its group's byte ("github" of
+# github_pat_).
+_LEAD = 6
 
 Detectors = tuple[str, ...]
 BACKSLASH = ord("\\")
@@ -95,22 +103,44 @@ def _holds_unicode_escape(body: bytes) -> bool:
 def secret_detectors_in(data: bytes) -> Detectors:
     """The credential detectors whose trigger literal ``data`` holds, in catalogue order:
     only they can find anything in it."""
+    return secret_triggers_in(data)[0]
+
+
+def secret_triggers_in(data: bytes) -> tuple[Detectors, int]:
+    """As secret_detectors_in, and where a credential in ``data`` can start at the
+    earliest: a little before the first of their literals (its length if none)."""
     found: list[str] = []
+    first = len(data)
+    # One loop, no call per group: this runs on every request body.
     for byte, gate, members in _TRIGGERS:
         if byte not in data:
             continue
         m = gate.search(data)
-        if m is None:
-            continue
-        if len(members) == 1:
-            found.append(members[0][0])
-            continue
-        # Each detector of the group from the first place any of them matched on.
-        at = m.start()
-        found += [name for name, regex in members if regex.search(data, at)]
+        if m is not None and m.start() < first:
+            first = m.start()
+        named = 0
+        while m is not None:
+            name = members[m.lastindex - 1][0]  # type: ignore[operator]  # a branch matched
+            if name in found:
+                # A literal seen before: a body full of it must not cost a search per
+                # copy. The others are looked for apiece, from here (none comes before).
+                at = m.start()
+                found += [other for other, regex in members
+                          if other not in found and regex.search(data, at)]
+                break
+            found.append(name)
+            named += 1
+            if named == len(members):
+                break
+            m = gate.search(data, m.end())
     if not found:
-        return ()
-    return tuple(name for name in SECRET_DETECTORS if name in found)
+        return (), first
+    if len(found) > 1:
+        found.sort(key=_CATALOGUE_ORDER.__getitem__)
+    return tuple(found), max(0, first - _LEAD)
+
+
+_CATALOGUE_ORDER = {name: i for i, name in enumerate(SECRET_DETECTORS)}
 
 
 class RedactionStage:
@@ -173,14 +203,20 @@ class RedactionStage:
         """
         if self.secrets is None or _holds_unicode_escape(body):
             return body, None
-        names = secret_detectors_in(body)
+        names, start = secret_triggers_in(body)
         if not names or not self._in_body or not PLAIN_DETECTORS.issuperset(names):
             return body, names
         try:
             text = body.decode()
         except UnicodeDecodeError:
             return body, names  # not JSON either: parsing refuses it
-        masked = mask_in_json(text, self._narrowed_to(names)[1], self.secrets.markers)
+        if len(text) != len(body):
+            # Some characters took more than a byte: count those before ``start`` (the
+            # one it may cut in two is left out, and searched).
+            start = len(body[:start].decode(errors="ignore"))
+        masked = mask_in_json(
+            text, self._narrowed_to(names)[1], self.secrets.markers, start
+        )
         if masked is None:
             return body, names
         text, count = masked
