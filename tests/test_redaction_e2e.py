@@ -412,6 +412,26 @@ def test_masking_in_the_body_redacts_as_the_walk_over_the_event(
     assert counted == hits
 
 
+def test_a_credential_in_a_mask_s_label_is_left_alone_in_the_body_too() -> None:
+    """A rule named like a key writes masks a detector finds inside: the body is left to
+    the walk, which leaves the mask as it is and masks the key beside it."""
+    from sidecar.redaction import build_redactor
+    from sidecar.redaction.stage import BUILTIN_SECRETS, RedactionStage
+
+    label = "sk-proj-abcdefghijklmnop1234"
+    rules = build_redactor([{"name": label, "path": "x", "action": "mask"}], None)
+    whole = build_redactor([BUILTIN_SECRETS], None, rules)
+    stage = RedactionStage(rules, whole)
+    for prompt in (f"[REDACTED:{label}]", f"[REDACTED:{label}] and {SECRETS['openai']}"):
+        event = {"agentId": "a", "prompt": prompt, "response": "r"}
+        masked, secrets = stage.mask_body(orjson.dumps(event))
+        stored = orjson.loads(masked)
+        stage(stored, secrets)
+        whole.redact(event)
+        assert stored == event
+        assert stored["prompt"].startswith(f"[REDACTED:{label}]")
+
+
 def test_masking_in_the_body_leaves_keys_and_agent_ids_to_the_walk() -> None:
     from sidecar.redaction import build_redactor
     from sidecar.redaction.stage import BUILTIN_SECRETS, RedactionStage

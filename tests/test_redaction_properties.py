@@ -333,13 +333,13 @@ def test_matches_are_replaced_around_markers_as_the_plain_check_says(
     the pieces of a cut span that hold a letter or a digit."""
     import re
 
-    from sidecar.redaction.redactor import _merged, markers_of, to_replace
+    from sidecar.redaction.redactor import markers_of, merged, to_replace
 
     known = markers_of(["x"], True)  # "[REDACTED:y]" is no marker of this redactor
     spans = [(start, start + length, "d") for start, length in starts_lengths]
     markers = [m.span() for m in known.finditer(text)]
     expected = []
-    for start, end, label in _merged(list(spans)):
+    for start, end, label in merged(list(spans)):
         inside = [m for m in markers if start < m[1] and m[0] < end]
         if not inside:
             expected.append((start, end, label))

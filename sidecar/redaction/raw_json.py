@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.redaction.detectors import DETECTORS, Found, Text
-from sidecar.redaction.redactor import Markers, is_glued, mask, to_replace
+from sidecar.redaction.redactor import is_glued, mask, merged
 
 PLAIN_DETECTORS = frozenset(name for name, detector in DETECTORS.items() if detector.plain)
 
@@ -25,13 +25,18 @@ _AGENT_ID_KEY = '"agentId"'
 
 
 def mask_in_json(
-    text: str, find: Callable[[Text], list[Found]], markers: Markers, start: int = 0
+    text: str, find: Callable[[Text], list[Found]], start: int = 0
 ) -> tuple[str, int] | None:
     """``text``, a JSON document without ``\\u`` escapes, with every match of ``find``
-    (plain detectors only) masked as the credential rule masks it (``markers``: what it
-    leaves alone), and how many were; None if a match lies in a key or in an agentId
-    value, or is glued to more text. ``start``: none of their matches starts before it."""
-    spans = to_replace(text, find(Text(text, start)), markers)
+    (plain detectors only) masked as the credential rule masks it, and how many were;
+    None if a match lies in a key or in an agentId value, or is glued to more text.
+    ``start``: none of their matches starts before it.
+
+    What an earlier redaction wrote needs no search here (the rule's to_replace reads
+    the whole text for it): a plain match holds no "[", ":" or "]", so one touching a
+    mask or a pseudonym lies in its label or its hex digits, glued to them or to the
+    colon, and leaves the body to the walk."""
+    spans = merged(find(Text(text, start)))
     if not spans:
         return text, 0
     pieces: list[str] = []

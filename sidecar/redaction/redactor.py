@@ -237,7 +237,7 @@ class _Strings:
         return key, trail
 
 
-def _merged(spans: list[Span]) -> list[Span]:
+def merged(spans: list[Span]) -> list[Span]:
     """Overlapping spans as one (the union: never leave part of a match in clear)."""
     if len(spans) == 1:
         return spans
@@ -293,7 +293,7 @@ def _outside_markers(text: str, spans: list[Span], markers_in: Markers) -> list[
 def to_replace(text: str, spans: list[Span], markers: Markers) -> list[Span]:
     """The matches found in ``text`` as they are replaced, in order: overlapping ones as
     one, with what an earlier redaction wrote cut out of them (see _outside_markers)."""
-    return _outside_markers(text, _merged(spans), markers)
+    return _outside_markers(text, merged(spans), markers)
 
 
 # What a detector's check may read as part of a match next to it (a word, a number, an

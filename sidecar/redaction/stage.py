@@ -214,9 +214,7 @@ class RedactionStage:
             # Some characters took more than a byte: count those before ``start`` (the
             # one it may cut in two is left out, and searched).
             start = len(body[:start].decode(errors="ignore"))
-        masked = mask_in_json(
-            text, self._narrowed_to(names)[1], self.secrets.markers, start
-        )
+        masked = mask_in_json(text, self._narrowed_to(names)[1], start)
         if masked is None:
             return body, names
         text, count = masked
