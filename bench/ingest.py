@@ -8,14 +8,16 @@ What is measured
      (--event large: the 2 KB interaction of bench/redact.py instead).
   2. The real sidecar (no API key, so it only accepts and spools: SQLite WAL,
      synchronous=FULL by default, group commit) under exactly the same load.
-  Each measurement is preceded by a warm-up run (default 2 s) and lasts 10 s. The server
-  under test is pinned to one CPU and wrk to another (taskset), one after the other.
-  Both are measured again in each of --rounds rounds (default 3).
+  Each measurement is preceded by a warm-up run (default 2 s) and lasts 10 s. Both
+  servers run on one CPU (the one not under load idles) and wrk on another (taskset).
+  In each of --rounds rounds (default 3) both are started afresh, their single-event
+  runs made back to back, then their batch runs; which goes first alternates.
 
 How to read it
   - Each round prints its figures; the verdicts use the median over the rounds (the ratio
-    is taken per round, from two runs a minute apart), so a neighbour's burst on a shared
-    or virtual machine spoils one round, not the result.
+    is taken per round, from two runs seconds apart: this VM's speed drifts by up to 15 %
+    over a minute), so a neighbour's burst on a shared or virtual machine spoils one
+    round, not the result.
   - "ratio" is sidecar req/s / no-op req/s for single events: the share of the bare HTTP
     stack's speed left after making every event durable. Target >= 65 %.
   - p50/p99 are wrk's latency percentiles for single events. Target p99 <= 10 ms.
@@ -101,54 +103,57 @@ class Runs:
     single_cpu_us: float  # the server's CPU time per single-event request, all threads
 
 
-def measure(
-    name: str, server: Child, base: str, args: argparse.Namespace, tmp: Path, cpu: int | None
-) -> Runs:
+class Target:
+    """One server under test and the wrk runs made against it."""
 
+    def __init__(
+        self, name: str, child: Child, port: int, args: argparse.Namespace, tmp: Path,
+        cpu: int | None,
+    ) -> None:
+        self.name, self.child, self.args, self.tmp, self.cpu = name, child, args, tmp, cpu
+        self.base = f"http://127.0.0.1:{port}"
+        event = EVENTS[args.event]
+        self.single_body, self.many_body = event_body(event), batch_body(BATCH_EVENTS, event)
+        self.runs: list[tuple[WrkResult, int]] = []
+        self.cpu_us: dict[str, float] = {}
+        self.single: WrkResult | None = None
+        self.batch: WrkResult | None = None
 
-    event = EVENTS[args.event]
-    single_body, many_body = event_body(event), batch_body(BATCH_EVENTS, event)
-    runs: list[tuple[WrkResult, int]] = []
-    cpu_us: dict[str, float] = {}
-
-    def wrk(label: str, path: str, body: bytes, seconds: int, events: int) -> WrkResult:
-        say(f"  wrk {label}: {seconds}s, {args.connections} connections ...")
-        before = server.cpu_seconds()
+    def wrk(self, label: str, path: str, body: bytes, seconds: int, events: int) -> WrkResult:
+        say(f"  {self.name} wrk {label}: {seconds}s, {self.args.connections} connections ...")
+        before = self.child.cpu_seconds()
         r = run_wrk(
-            f"{name} {label}", base + path, body, workdir=tmp, connections=args.connections,
-            seconds=seconds, cpu=cpu,
+            f"{self.name} {label}", self.base + path, body, workdir=self.tmp,
+            connections=self.args.connections, seconds=seconds, cpu=self.cpu,
         )
-        used = server.cpu_seconds() - before
-        runs.append((r, events))
-        cpu_us[label] = 1e6 * used / r.requests
+        used = self.child.cpu_seconds() - before
+        self.runs.append((r, events))
+        self.cpu_us[label] = 1e6 * used / r.requests
         # Well under 100 %: the server waited (on fsync, say), and req/s says less about cost.
         say(
             f"    {r.rps:12,.0f} req/s  p50 {r.p50:7.2f} ms  p99 {r.p99:7.2f} ms  "
             f"{r.requests:,} requests, {r.non2xx} non-2xx, socket errors {r.errors - r.non2xx}\n"
-            f"    server CPU {cpu_us[label]:.1f} us per request, "
+            f"    server CPU {self.cpu_us[label]:.1f} us per request, "
             f"{used / max(r.seconds, 1e-9):.0%} of a core"
         )
         return r
 
-    if args.warmup > 0:
-        wrk("warm-up single", SINGLE_PATH, single_body, args.warmup, 1)
-    single = wrk("single", SINGLE_PATH, single_body, args.duration, 1)
-    if args.warmup > 0:
-        wrk(f"warm-up batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.warmup, BATCH_EVENTS)
-    batch = wrk(f"batch x{BATCH_EVENTS}", BATCH_PATH, many_body, args.duration, BATCH_EVENTS)
-    return Runs(single, batch, runs, cpu_us["single"])
+    def measure_single(self) -> None:
+        if self.args.warmup > 0:
+            self.wrk("warm-up single", SINGLE_PATH, self.single_body, self.args.warmup, 1)
+        self.single = self.wrk("single", SINGLE_PATH, self.single_body, self.args.duration, 1)
 
+    def measure_batch(self) -> None:
+        label = f"batch x{BATCH_EVENTS}"
+        if self.args.warmup > 0:
+            self.wrk(f"warm-up {label}", BATCH_PATH, self.many_body, self.args.warmup,
+                     BATCH_EVENTS)
+        self.batch = self.wrk(label, BATCH_PATH, self.many_body, self.args.duration,
+                              BATCH_EVENTS)
 
-def bench_noop(args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]) -> Runs:
-    say(f"\n== no-op aiohttp server (CPU {cpus[0]}), wrk on CPU {cpus[1]}")
-    child, port = start_noop(cpus[0])
-    try:
-        base = f"http://127.0.0.1:{port}"
-        say(f"  {child.output('stdout')[0]}")
-        smoke("noop", base + SINGLE_PATH, event_body(EVENTS[args.event]))
-        return measure("noop", child, base, args, tmp, cpus[1])
-    finally:
-        child.stop()
+    def result(self) -> Runs:
+        assert self.single is not None and self.batch is not None
+        return Runs(self.single, self.batch, self.runs, self.cpu_us["single"])
 
 
 @dataclass
@@ -158,36 +163,6 @@ class SidecarResult:
     exit_code: int | None
     rows: int | None
     rows_error: str | None
-
-
-def bench_sidecar(
-    args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None]
-) -> SidecarResult:
-    say(f"\n== sidecar, synchronous={args.synchronous}, no API key (CPU {cpus[0]}), "
-        f"wrk on CPU {cpus[1]}")
-    tmp.mkdir(exist_ok=True)
-    spool = tmp / "spool.db"
-    config = write_config(tmp / "sidecar.toml", sidecar_sections(spool, args.synchronous))
-    child, port = start_sidecar(config, cpus[0])
-    try:
-        base = f"http://127.0.0.1:{port}"
-        say(f"  sidecar listening on {base}, spool {spool}")
-        smoke("sidecar", base + SINGLE_PATH, event_body(EVENTS[args.event]))
-        runs = measure("sidecar", child, base, args, tmp, cpus[1])
-        time.sleep(1.0)  # let requests still in flight when wrk stopped commit
-        received = metric_sum(get_text(base + "/metrics"), "precogx_sidecar_events_received_total")
-    finally:
-        code = child.stop()
-    complain_about_logs(child)
-    if code != 0:
-        loud(f"the sidecar exited with code {code} after SIGTERM (expected 0)")
-    rows: int | None = None
-    rows_error: str | None = None
-    try:
-        rows = spool_rows(spool)[0]
-    except sqlite3.Error as e:
-        rows_error = f"{type(e).__name__}: {e}"
-    return SidecarResult(runs, received, code, rows, rows_error)
 
 
 @dataclass
@@ -205,11 +180,57 @@ class Round:
         return self.side.runs.batch.rps * BATCH_EVENTS
 
 
+def bench_round(
+    args: argparse.Namespace, tmp: Path, cpus: tuple[int | None, int | None], noop_first: bool
+) -> Round:
+    """Both servers started (on the same CPU; the one not under load idles), then their
+    single-event runs back to back and their batch runs back to back: the ratio compares
+    two runs seconds apart, not a minute, over which this VM's speed drifts by up to 15 %.
+    Which goes first alternates between rounds, so a steady drift cancels in the median."""
+    tmp.mkdir(exist_ok=True)
+    spool = tmp / "spool.db"
+    config = write_config(tmp / "sidecar.toml", sidecar_sections(spool, args.synchronous))
+    say(f"\nno-op aiohttp server and sidecar (synchronous={args.synchronous}, no API key) "
+        f"on CPU {cpus[0]}, wrk on CPU {cpus[1]}; spool {spool}")
+    noop_child, noop_port = start_noop(cpus[0])
+    try:
+        side_child, side_port = start_sidecar(config, cpus[0])
+    except BaseException:
+        noop_child.stop()
+        raise
+    try:
+        noop = Target("no-op", noop_child, noop_port, args, tmp, cpus[1])
+        side = Target("sidecar", side_child, side_port, args, tmp, cpus[1])
+        smoke("noop", noop.base + SINGLE_PATH, noop.single_body)
+        smoke("sidecar", side.base + SINGLE_PATH, side.single_body)
+        order = (noop, side) if noop_first else (side, noop)
+        for target in order:
+            target.measure_single()
+        for target in order:
+            target.measure_batch()
+        time.sleep(1.0)  # let requests still in flight when wrk stopped commit
+        received = metric_sum(get_text(side.base + "/metrics"),
+                              "precogx_sidecar_events_received_total")
+    finally:
+        noop_child.stop()
+        code = side_child.stop()
+    complain_about_logs(side_child)
+    if code != 0:
+        loud(f"the sidecar exited with code {code} after SIGTERM (expected 0)")
+    rows: int | None = None
+    rows_error: str | None = None
+    try:
+        rows = spool_rows(spool)[0]
+    except sqlite3.Error as e:
+        rows_error = f"{type(e).__name__}: {e}"
+    return Round(noop.result(), SidecarResult(side.result(), received, code, rows, rows_error))
+
+
 def report(rounds: list[Round], args: argparse.Namespace) -> None:
     say("\n" + "=" * 78)
     say(f"RESULTS  ({args.event} event of {len(event_body(EVENTS[args.event])):,} bytes, "
         f"synchronous={args.synchronous}, {args.connections} connections, "
-        f"{args.duration}s per run, {len(rounds)} round(s): no-op then sidecar, each round)")
+        f"{args.duration}s per run, {len(rounds)} round(s), no-op and sidecar back to back)")
     say("=" * 78)
     say(f"{'round':>5} {'no-op req/s':>12} {'sidecar req/s':>14} {'ratio':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'batched events/s':>17} {'CPU us/req no-op, sidecar':>26}")
@@ -260,7 +281,7 @@ def main() -> int:
     parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
                         type=str.upper, help="the sidecar's spool.synchronous")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="no-op then sidecar, this many times; medians are reported")
+                        help="both servers measured this many times; medians reported")
     parser.add_argument("--event", choices=sorted(EVENTS), default="seed",
                         help="seed: the Dify guide's example (the targets are set for it); "
                              "large: a 2 KB interaction with PII and a pasted API key, "
@@ -289,10 +310,8 @@ def main() -> int:
     try:
         for i in range(args.rounds):
             say(f"\n#### round {i + 1} of {args.rounds}")
-            noop = bench_noop(args, tmp, (server_cpu, load_cpu))
             round_dir = tmp / f"round-{i + 1}"
-            side = bench_sidecar(args, round_dir, (server_cpu, load_cpu))
-            rounds.append(Round(noop, side))
+            rounds.append(bench_round(args, round_dir, (server_cpu, load_cpu), i % 2 == 0))
             if not args.keep:  # a round's spool can hold millions of events
                 shutil.rmtree(round_dir, ignore_errors=True)
     except ChildError as e:
