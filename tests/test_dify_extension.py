@@ -6,11 +6,14 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from typing import Any
 
 import orjson
 import pytest
 
+from sidecar.config import DifyConfig
+from sidecar.receivers.dify_extension import Pairing
 from sidecar.redaction.stage import RedactionStage
 from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
 from tests.fake_precogx import FakePrecogX, Hold, Respond
@@ -33,6 +36,23 @@ async def call(sidecar: Sidecar, point: str, params: dict[str, Any],
 async def sidecar(start_sidecar: StartSidecar) -> Sidecar:
     return await start_sidecar(dify={"extension_token": KEY, "pair_idle_s": 0.05,
                                      "input_wait_s": 0.2})
+
+
+def test_an_app_is_forgotten_once_nothing_of_it_is_open() -> None:
+    """A soak with ever-new app ids grew memory by about 1 KiB per id, and each call and
+    sweep walked every app ever seen: their emptied queues were never dropped."""
+    pairing = Pairing(DifyConfig(pair_idle_s=1.0, input_wait_s=1.0))
+    for i in range(100):
+        pairing.add_input(f"answered-{i}", "question", {})
+        pairing.add_output(f"answered-{i}", "an answer")
+        pairing.add_input(f"lone-{i}", "question", {})  # never answered
+        pairing.add_output(f"orphan-{i}", "no input")
+        pairing.add_input(f"empty-{i}", "question", {})
+        pairing.add_output(f"empty-{i}", "")  # done at once
+    assert "answered-0" not in pairing.waiting and "empty-0" not in pairing.waiting
+    done = pairing.finished(now=time.monotonic() + 10)
+    assert len(done) == 300 + 100  # the empty answers too, recorded as they came
+    assert (pairing.open, pairing.waiting, pairing.streaming) == (0, {}, {})
 
 
 async def test_ping_on_save(sidecar: Sidecar) -> None:

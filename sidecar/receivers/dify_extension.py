@@ -115,9 +115,8 @@ class Pairing:
         if not text:
             # An empty answer: every text starts with it, so as a stream it would take
             # the answers of the app's next chats. Done as it comes, with its input.
-            waiting = self.waiting.get(app_id)
-            if waiting:
-                conversation = waiting.popleft()
+            conversation = self._next_waiting(app_id)
+            if conversation is not None:
                 conversation.text = ""
                 self.answered.append(conversation)
             return
@@ -137,7 +136,7 @@ class Pairing:
                     stream.grown = True
                 stream.touched = time.monotonic()
                 return
-        stream = waiting.popleft() if waiting else Conversation(app_id, "", {})
+        stream = self._next_waiting(app_id) or Conversation(app_id, "", {})
         stream.text = text
         stream.touched = time.monotonic()
         streams.append(stream)
@@ -146,14 +145,31 @@ class Pairing:
         """Remove and return what is done: idle streams and inputs that waited too long."""
         now = time.monotonic() if now is None else now
         done, self.answered = self.answered, []
-        for streams in self.streaming.values():
-            idle = [s for s in streams if now - s.touched >= self.config.pair_idle_s]
-            done += idle
-            streams[:] = [s for s in streams if s not in idle]
-        for waiting in self.waiting.values():
+        # An app is kept only while it has something open: Dify's app ids come and go,
+        # and one kept for ever per id ever seen is memory, and a walk each sweep, without
+        # bound.
+        for app_id, streams in list(self.streaming.items()):
+            done += [s for s in streams if now - s.touched >= self.config.pair_idle_s]
+            streams[:] = [s for s in streams if now - s.touched < self.config.pair_idle_s]
+            if not streams:
+                del self.streaming[app_id]
+        for app_id, waiting in list(self.waiting.items()):
             while waiting and now - waiting[0].touched >= self.config.input_wait_s:
                 done.append(waiting.popleft())
+            if not waiting:
+                del self.waiting[app_id]
         return done
+
+    def _next_waiting(self, app_id: str) -> Conversation | None:
+        """The app's oldest input still waiting for its answer, taken off (and the app
+        forgotten once none waits); None if none does."""
+        waiting = self.waiting.get(app_id)
+        if not waiting:
+            return None
+        conversation = waiting.popleft()
+        if not waiting:
+            del self.waiting[app_id]
+        return conversation
 
     def everything(self) -> list[Conversation]:
         done = [c for streams in self.streaming.values() for c in streams]
