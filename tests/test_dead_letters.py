@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import sqlite3
 from typing import Any
@@ -245,20 +246,31 @@ async def test_a_spool_whose_next_id_is_no_number_is_reported_not_a_traceback(
 
 
 async def test_dead_letter_cap_prunes_oldest_and_counts(
-    start_sidecar: StartSidecar, fake: FakePrecogX
+    start_sidecar: StartSidecar, fake: FakePrecogX, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """And logs the first pruning, then a line a minute: with a steady trickle of rejected
+    events a soak logged a line per event."""
+    caplog.set_level(logging.INFO, "sidecar")
     fake.reject_agent_ids = {"bad"}
     sidecar = await start_sidecar(spool={"max_dead_events": 2}, upstream={"linger_ms": 0})
     ids = []
     spool = sidecar.server.spool
-    for _ in range(3):
+    for _ in range(5):
         ids += await send(sidecar, ["bad"])
         await spool.wait_until(lambda: spool.counts.pending == 0 and not spool.inflight)
     with sqlite3.connect(sidecar.config.spool.path) as db:
         kept = [r[0] for r in db.execute("SELECT id FROM events WHERE state = 'dead'")]
-    assert kept == ids[1:]
+    assert kept == ids[3:]
     _, metrics = await sidecar.get("/metrics")
-    assert 'precogx_sidecar_events_dropped_total{reason="dead_letter_pruned"} 1.0' in metrics
+    assert 'precogx_sidecar_events_dropped_total{reason="dead_letter_pruned"} 3.0' in metrics
+    pruned = [r.getMessage() for r in caplog.records if "max_dead_events" in r.getMessage()]
+    assert pruned == ["dead letters over spool.max_dead_events: pruned the 1 oldest"]
+    await sidecar.stop()
+    pruned = [r.getMessage() for r in caplog.records if "max_dead_events" in r.getMessage()]
+    assert len(pruned) == 2 and pruned[1].startswith(
+        "dead letters over spool.max_dead_events: 2 more prunings (2 events) in the last "
+        "minute"
+    )
 
 
 async def test_bad_time_and_missing_spool_are_clear_errors(

@@ -171,6 +171,11 @@ class Spool:
         self._eviction_lines = Summarised(
             log, logging.WARNING,
             "spool full: %d more evictions (%d events) in the last minute (drop_oldest)")
+        # Past spool.max_dead_events, every dead letter prunes one: a line a minute too.
+        self._prune_lines = Summarised(
+            log, logging.WARNING,
+            "dead letters over spool.max_dead_events: %d more prunings (%d events) in the "
+            "last minute")
         self._appends: list[_Append] = []
         self._ops: list[_Op] = []
         self._wake = asyncio.Event()
@@ -267,6 +272,7 @@ class Spool:
         if self._writer_task:
             await self._writer_task
         self._eviction_lines.flush()
+        self._prune_lines.flush()
         if self._lock is not None:
             # SQLite removes the -wal as the last connection closes: a CLI command must not
             # take that for the file replaced under a running sidecar.
@@ -459,8 +465,9 @@ class Spool:
             self.inflight.difference_update(ids)
             if pruned[0]:
                 self.dropped("dead_letter_pruned", pruned[0])
-                log.warning(
-                    "dead letters over spool.max_dead_events: pruned the %d oldest", pruned[0]
+                self._prune_lines(
+                    "dead letters over spool.max_dead_events: pruned the %d oldest",
+                    pruned[0], events=pruned[0],
                 )
 
         present, _ = await self._submit(run, after)
