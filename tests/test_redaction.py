@@ -108,6 +108,8 @@ POSITIVES = [
     # A port written without brackets, or a word after a colon: the address before it.
     ("ipv6", "from 2001:db8::7334:50000 up", ["2001:db8::7334"]),
     ("ipv6", " 2001:db8::7334:0G", ["2001:db8::7334"]),
+    ("ipv6", "id:2001:db8::7334:50000", ["2001:db8::7334"]),
+    ("ipv6", "db8:::0", ["::0"]),  # after the label, as a whole, before any group is cut
     ("jwt", f"Bearer {JWT}", [JWT]),
     ("precogx_key", "key px_live_abcdefghijklmnop1234", ["px_live_abcdefghijklmnop1234"]),
     ("precogx_key", "px_test_0123456789abcdef", ["px_test_0123456789abcdef"]),
@@ -173,6 +175,10 @@ NEGATIVES = [
     ("ipv6", "A::B"),
     ("ipv6", "mac 00:1A:2B:3C:4D:5E"),
     ("ipv6", "Foo::bar()"),
+    # Fingerprints and key dumps: colon-hex runs of more than eight groups.
+    ("ipv6", "SHA1 Fingerprint=2B:8F:1B:57:33:0D:BB:A2:D0:7A:6C:51:F7:0E:E9:0D:DA:B9:AD:8E"),
+    ("ipv6", "MD5:16:27:ac:a5:76:28:2d:36:63:1b:56:4d:eb:df:a6:48"),
+    ("ipv6", "    00:c3:5e:9a:3b:11:22:33:44:55:66:77:88:99:aa:"),
     ("jwt", "eyJhbGciOiJIUzI1NiJ9"),
     ("jwt", "x" + JWT),
     ("precogx_key", "px_test_key"),

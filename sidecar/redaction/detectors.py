@@ -492,27 +492,18 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
         end = max(text.rfind(":", start, end), start)
     if not _ANY_DIGIT.search(text, start, end):
         return None  # see _ipv6_address
-    if not _glued_to_token(text, start) and (found := _address_end(text, start, end)):
-        return start, found
+    alone = not _glued_to_token(text, start)
     # After a label or a colon: "ip:2001:db8::1" (the "d:" of "id:" is hex), ":2001:db8::1".
     # "host:::1": the address after the label may itself start with "::".
     label_end = text.find(":", start, end)
-    if label_end < 0:
-        return None
-    found = _address_end(text, label_end + 1, end)
-    return (label_end + 1, found) if found else None
-
-
-def _address_end(text: str, start: int, end: int) -> int | None:
-    """Where the longest address from ``start`` ends, up to ``end``: the whole run, else
-    the run without its last groups. "2001:db8::7334:50000", an address and a port
-    written without brackets, is no address as a whole, and its address was left."""
-    # The longest address is 45 characters: a longer run is only cut back that far.
-    longest = start + _MAX_V6_ADDRESS
-    while end > start:
-        if end <= longest and _ipv6_address(text, start, end):
-            return end
-        end = text.rfind(":", start, min(end, longest + 1))
+    # Then the same without the run's last group: "2001:db8::7334:50000" (an address and
+    # a port without brackets) is no address as a whole. One group only: a fingerprint
+    # ("2B:8F:1B:...", 20 groups) must not give up its first eight.
+    for stop in (end, text.rfind(":", start, end)):
+        if alone and _ipv6_address(text, start, stop):
+            return start, stop
+        if 0 <= label_end < stop and _ipv6_address(text, label_end + 1, stop):
+            return label_end + 1, stop
     return None
 
 
