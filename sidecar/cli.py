@@ -434,8 +434,11 @@ def _spool_compact(args: argparse.Namespace) -> int:
     def run(cfg: Config) -> int:
         path = cfg.spool.path
         print(f"compacting {path} (rewrites the whole file) ...", file=sys.stderr)
-        before, after = admin.compact(path)
-        print(f"{path}: {before} bytes on disk before, {after} after")
+        done = admin.compact(path)
+        print(f"{path}: {done.before} bytes on disk before, {done.after} after")
+        if done.reader:
+            print("another process was reading the spool: its WAL is cut back at the next "
+                  "checkpoint (the sidecar's first, or when that reader ends)", file=sys.stderr)
         return 0
 
     return _operate(args, run)

@@ -643,8 +643,8 @@ async def test_an_older_spool_keeps_its_room_until_compacted(
     await spool.close()
     with sqlite3.connect(path) as db:
         before = db.execute("SELECT id, state, payload FROM events ORDER BY id").fetchall()
-    size_before, size_after = admin.compact(str(path))
-    assert size_after < size_before - 250 * 4096
+    done = admin.compact(str(path))
+    assert done.after < done.before - 250 * 4096 and not done.reader
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT id, state, payload FROM events ORDER BY id").fetchall() \
             == before
@@ -661,12 +661,39 @@ async def test_an_older_spool_keeps_its_room_until_compacted(
 
 async def test_no_sidecar_starts_on_a_spool_being_compacted(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    await spool.close()
     lock = store.lock_spool(path, store.COMPACTING)
     try:
         with pytest.raises(SpoolInUse, match="spool compact` is rewriting this spool"):
             await Spool(SpoolConfig(path=str(path))).open()
+        with pytest.raises(admin.AdminError, match="another `spool compact` is rewriting"):
+            admin.compact(str(path))
     finally:
         os.close(lock)
+
+
+async def test_compact_beside_a_reader_says_the_wal_is_cut_later(tmp_path: Path) -> None:
+    """A reader (a CLI listing, a sqlite3 shell) keeps the WAL from being cut: compact
+    said the file was rewritten while it had grown by the whole WAL."""
+    path = tmp_path / "spool.db"
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    ids = await put(spool, 20)
+    await spool.close()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("PRAGMA busy_timeout = 0")
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM events").fetchone()
+    try:
+        done = admin.compact(str(path))
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    assert done.reader
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT id FROM events ORDER BY id")] == ids
 
 
 @pytest.mark.parametrize(("version", "advice"), [

@@ -30,6 +30,7 @@ from sidecar.spool.store import (
 )
 
 CHUNK = 1000
+READER_WAIT_MS = 2000
 DEAD_COLUMNS = "id, dead_reason, last_status, last_error, attempts, dead_at, received_at, payload"
 
 
@@ -225,16 +226,25 @@ def _disk(db: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def compact(path: str) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Compacted:
+    before: int  # bytes on disk: the file, its -wal and -shm
+    after: int
+    reader: bool  # another process was reading: the WAL is cut at its next checkpoint
+
+
+def compact(path: str) -> Compacted:
     """Rewrite the spool file without its free pages, as one that gives freed pages back
-    from then on; its size on disk before and after. Only with no sidecar running on it:
-    VACUUM holds the write lock for as long as it takes (a commit would wait that long),
-    and the lock is held meanwhile, so that no sidecar starts on it either."""
+    from then on. Only with no sidecar running on it: VACUUM holds the write lock for as
+    long as it takes (a commit would wait that long), and the lock is held meanwhile, so
+    that no sidecar starts on it either."""
     if not Path(path).exists():
         raise AdminError(f"spool.path: {path} does not exist")
     try:
         lock = lock_spool(Path(path), COMPACTING)
-    except SpoolInUse:
+    except SpoolInUse as e:
+        if "spool compact" in str(e):
+            raise AdminError(f"another `spool compact` is rewriting {path}") from None
         raise AdminError(
             f"a sidecar is running on {path}: stop it first (SIGTERM); what it holds stays "
             "in the spool"
@@ -246,12 +256,28 @@ def compact(path: str) -> tuple[int, int]:
         before = size_on_disk(files)
         with open_spool(path) as db:
             db.execute(f"PRAGMA auto_vacuum = {AUTO_VACUUM_INCREMENTAL}")
-            db.execute("VACUUM")
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return before, size_on_disk(files)
+            _vacuum(db, path)
+            # A reader keeps the WAL from being cut: wait a little for it, not the 10 s
+            # every other statement may wait for a lock; its WAL goes at a later checkpoint.
+            db.execute(f"PRAGMA busy_timeout = {READER_WAIT_MS}")
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return Compacted(before, size_on_disk(files), reader=bool(busy))
     finally:
         os.ftruncate(lock, 0)
         os.close(lock)
+
+
+def _vacuum(db: sqlite3.Connection, path: str) -> None:
+    try:
+        db.execute("VACUUM")
+    except sqlite3.OperationalError as e:
+        if "full" not in str(e):
+            raise
+        raise AdminError(
+            f"{path}: {e}: VACUUM needs room for a copy of the spool's live data in SQLite's "
+            "temporary directory (SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp) and "
+            "again on the spool's disk; nothing was changed"
+        ) from None
 
 
 # Each invariant: a query returning offending rows, and what it means.

@@ -1003,6 +1003,8 @@ def _give_back_pages(pages: int, db: Db) -> None:
     of its own. executescript, because each step of this PRAGMA frees one page and
     execute() takes only the first step; and it runs every step with the GIL released
     once (per statement, this thread would wait for a busy event loop each time)."""
+    if db.in_transaction:  # executescript would commit it: a group left half-written
+        raise sqlite3.OperationalError("a transaction is open on the writer's connection")
     db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
 
 
