@@ -41,6 +41,7 @@ Needs wrk (apt-get install wrk); exits 2 without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
@@ -186,19 +187,21 @@ def bench_round(
     """Both servers started (on the same CPU; the one not under load idles), then their
     single-event runs back to back and their batch runs back to back: the ratio compares
     two runs seconds apart, not a minute, over which this VM's speed drifts by up to 15 %.
-    Which goes first alternates between rounds, so a steady drift cancels in the median."""
+    Which goes first alternates between rounds, so neither server is always measured in
+    the other's wake (its last checkpoint, say)."""
     tmp.mkdir(exist_ok=True)
     spool = tmp / "spool.db"
     config = write_config(tmp / "sidecar.toml", sidecar_sections(spool, args.synchronous))
     say(f"\nno-op aiohttp server and sidecar (synchronous={args.synchronous}, no API key) "
         f"on CPU {cpus[0]}, wrk on CPU {cpus[1]}; spool {spool}")
-    noop_child, noop_port = start_noop(cpus[0])
-    try:
+    codes: dict[str, int | None] = {}
+    # Each child stopped whatever happens after it started: a signal (KeyboardInterrupt,
+    # see stop_on_signals) or a failing stop of the other must not leave one running.
+    with contextlib.ExitStack() as stack:
+        noop_child, noop_port = start_noop(cpus[0])
+        stack.callback(noop_child.stop)
         side_child, side_port = start_sidecar(config, cpus[0])
-    except BaseException:
-        noop_child.stop()
-        raise
-    try:
+        stack.callback(lambda: codes.update(sidecar=side_child.stop()))
         noop = Target("no-op", noop_child, noop_port, args, tmp, cpus[1])
         side = Target("sidecar", side_child, side_port, args, tmp, cpus[1])
         smoke("noop", noop.base + SINGLE_PATH, noop.single_body)
@@ -211,9 +214,7 @@ def bench_round(
         time.sleep(1.0)  # let requests still in flight when wrk stopped commit
         received = metric_sum(get_text(side.base + "/metrics"),
                               "precogx_sidecar_events_received_total")
-    finally:
-        noop_child.stop()
-        code = side_child.stop()
+    code = codes["sidecar"]
     complain_about_logs(side_child)
     if code != 0:
         loud(f"the sidecar exited with code {code} after SIGTERM (expected 0)")
