@@ -674,6 +674,12 @@ async def test_no_sidecar_starts_on_a_spool_being_compacted(tmp_path: Path) -> N
         os.close(lock)
 
 
+def test_compact_of_a_directory_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(admin.AdminError, match="is not a file"):
+        admin.compact(str(tmp_path))
+    assert not Path(f"{tmp_path}.lock").exists()
+
+
 async def test_compact_beside_a_reader_says_the_wal_is_cut_later(tmp_path: Path) -> None:
     """A reader (a CLI listing, a sqlite3 shell) keeps the WAL from being cut: compact
     said the file was rewritten while it had grown by the whole WAL."""

@@ -238,8 +238,9 @@ def compact(path: str) -> Compacted:
     from then on. Only with no sidecar running on it: VACUUM holds the write lock for as
     long as it takes (a commit would wait that long), and the lock is held meanwhile, so
     that no sidecar starts on it either."""
-    if not Path(path).exists():
-        raise AdminError(f"spool.path: {path} does not exist")
+    if not Path(path).is_file():  # nor a lock file left beside a directory
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        raise AdminError(f"spool.path: {path} {what}")
     try:
         lock = lock_spool(Path(path), COMPACTING)
     except SpoolInUse as e:
