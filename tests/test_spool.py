@@ -760,7 +760,7 @@ async def test_room_in_the_spool_file_counts_and_low_has_a_margin(
     await s.append(ids, [b'{"x": "%s"}' % (b"y" * 256 * 1024) for _ in ids])
     with sqlite3.connect(tmp_path / "s.db") as db:  # delivered, as the CLI would purge
         db.execute("DELETE FROM events")
-    freed = await s._reader_db.call(store._free_pages_bytes)
+    freed = await s._reader_db.call(store.free_pages_bytes)
     assert freed >= 10 * mib
     disk = FakeDisk(100 * mib - freed // 2)
     monkeypatch.setattr(os, "statvfs", disk)
@@ -778,7 +778,7 @@ async def test_room_in_the_spool_file_counts_and_low_has_a_margin(
     assert await low() is None
     # Free pages are no room for the -wal, where new commits go first: the disk itself
     # keeps a quarter of the reserve (a review filled a tmpfs to 0 bytes without it).
-    monkeypatch.setattr(store, "_free_pages_bytes", lambda db: 1000 * mib)
+    monkeypatch.setattr(store, "free_pages_bytes", lambda db: 1000 * mib)
     disk.free = 20 * mib
     assert await low() == 20 * mib  # what the disk has, as the log line says it
     monkeypatch.undo()

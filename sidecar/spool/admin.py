@@ -22,7 +22,9 @@ from sidecar.spool.schema import REMEMBER_IDS, SCHEMA_VERSION
 from sidecar.spool.store import (
     AUTO_VACUUM_INCREMENTAL,
     COMPACTING,
+    SpoolCompacting,
     SpoolInUse,
+    free_pages_bytes,
     lock_spool,
     replaced_under_sidecar,
     size_on_disk,
@@ -216,12 +218,10 @@ def _disk(db: sqlite3.Connection) -> dict[str, Any]:
     """What the file takes on disk, how much of it is free pages, and whether a running
     sidecar gives those back (a spool made by an earlier version: after `compact`)."""
     path = next(row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main")
-    free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
-    page_size = db.execute("PRAGMA page_size").fetchone()[0]
     auto_vacuum = db.execute("PRAGMA auto_vacuum").fetchone()[0]
     return {
         "file_bytes": size_on_disk(spool_files(Path(path))),
-        "free_bytes": free_pages * page_size,
+        "free_bytes": free_pages_bytes(db),
         "gives_back_space": auto_vacuum == AUTO_VACUUM_INCREMENTAL,
     }
 
@@ -243,9 +243,9 @@ def compact(path: str) -> Compacted:
         raise AdminError(f"spool.path: {path} {what}")
     try:
         lock = lock_spool(Path(path), COMPACTING)
-    except SpoolInUse as e:
-        if "spool compact" in str(e):
-            raise AdminError(f"another `spool compact` is rewriting {path}") from None
+    except SpoolCompacting:
+        raise AdminError(f"another `spool compact` is rewriting {path}") from None
+    except SpoolInUse:
         raise AdminError(
             f"a sidecar is running on {path}: stop it first (SIGTERM); what it holds stays "
             "in the spool"

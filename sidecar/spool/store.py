@@ -87,6 +87,10 @@ class SpoolInUse(Exception):
     """Another process serves the same spool file."""
 
 
+class SpoolCompacting(SpoolInUse):
+    """`spool compact` holds the spool's lock while it rewrites the file."""
+
+
 class IdempotencyKeyReused(Exception):
     """The idempotency key was first used for a different request; nothing was stored."""
 
@@ -217,9 +221,9 @@ class Spool:
         await self._writer_db.start()
         try:
             await self._writer_db.call(self._load_state)
-            real = self._path.resolve()
             self._watched = spool_files(self._path)
-            self._dirs = tuple(dict.fromkeys((str(self._path.parent), str(real.parent))))
+            wal_dir = str(Path(self._watched[1]).parent)
+            self._dirs = tuple(dict.fromkeys((str(self._path.parent), wal_dir)))
             self._dir_stamps = _trusted(_stamps(self._dirs))  # first: a change after shows
             self._files = _identities(self._watched)
             _record_side_files(self._lock, self._files)
@@ -487,9 +491,10 @@ class Spool:
     async def check_free_space(self) -> None:
         """Look at the room left for the spool; logs each change of disk_low.
 
-        The room is the disk's free space plus the file's own free pages: SQLite keeps the
-        pages delivered events freed for new ones rather than giving them back, so after a
-        backlog drained the disk still looks full. Low below spool.min_free_bytes; room
+        The room is the disk's free space plus the file's own free pages: new events reuse
+        the pages delivered events freed, and reclaim() gives them back to the disk only a
+        step a pass (a spool made by an earlier version, never), so after a backlog
+        drained the disk looks fuller than the spool is. Low below spool.min_free_bytes; room
         again only from a quarter above it, so that hovering at the line does not flip
         events between refused and accepted every pass. The disk itself must keep a
         quarter of the reserve all the same: new commits go to the -wal first, and free
@@ -501,7 +506,7 @@ class Spool:
             if not st.f_blocks:  # a file system that tells nothing of its size
                 return
             disk = st.f_bavail * st.f_frsize
-            free = disk + await self._reader_db.call(_free_pages_bytes)
+            free = disk + await self._reader_db.call(free_pages_bytes)
             margin = 0 if self.disk_low is None else reserve // 4
             if disk < reserve // 4 + margin:
                 low = disk  # the -wal needs real disk; the file's free pages do not count
@@ -994,7 +999,7 @@ def _free_pages(db: Db) -> int:
     return int(db.execute("PRAGMA freelist_count").fetchone()[0])
 
 
-def _free_pages_bytes(db: Db) -> int:
+def free_pages_bytes(db: Db) -> int:
     return _free_pages(db) * int(db.execute("PRAGMA page_size").fetchone()[0])
 
 
@@ -1135,7 +1140,7 @@ def lock_spool(spool: Path, record: bytes = b'{"state": "starting"}') -> int:
                 holder = os.pread(fd, len(COMPACTING), 0)
                 os.close(fd)
                 if holder == COMPACTING:
-                    raise SpoolInUse(
+                    raise SpoolCompacting(
                         "`precogx-sidecar spool compact` is rewriting this spool; start the "
                         "sidecar when it has finished"
                     ) from None
