@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.app import build_app
+from sidecar.app import build_server
 from sidecar.config import Config, ConfigError, check_listen_auth, read_api_key
 from sidecar.forwarder.client import UpstreamClient
 from sidecar.forwarder.forwarder import Forwarder
@@ -52,7 +52,7 @@ class Server:
         self.dify = DifyExtension(config.dify, self.spool, self.metrics, redact, redact_inline)
         self.port: int | None = None
         self.should_exit = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._oldest_pending: float | None = None  # received_at of the oldest pending event
 
@@ -153,8 +153,8 @@ class Server:
             lambda: time.time() - self._oldest_pending if self._oldest_pending else 0.0)
 
     async def _listen(self) -> None:
-        app = build_app(self.receiver, self.dify, self.spool, self.forwarder, self.metrics)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        server = build_server(self.receiver, self.dify, self.spool, self.forwarder, self.metrics)
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.config.server.host, self.config.server.port, backlog=1024

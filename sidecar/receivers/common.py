@@ -1,17 +1,48 @@
-"""What every receiver shares: JSON answers and the constant-time token check."""
+"""What every receiver shares: routes, JSON answers and the constant-time token check."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.hdrs import EXPECT
 
-from sidecar.receivers.validation import Rejection
+from sidecar.receivers.validation import Rejection, error_body
 from sidecar.redaction.stage import Detectors, RedactionStage
 from sidecar.spool import Spool
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# Answers a request sent with an Expect header before its body is read: None to go on
+# (after "100 Continue"), or the refusal.
+ExpectHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
+
+
+async def expect_continue(request: web.BaseRequest) -> web.Response | None:
+    """What aiohttp's router does for a route without an expect handler of its own."""
+    if request.headers.get(EXPECT, "").lower() != "100-continue":
+        return json_response(417, error_body(
+            "EXPECTATION_FAILED", "only Expect: 100-continue is understood", {}))
+    await send_continue(request)
+    return None
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    expect: ExpectHandler = expect_continue
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -24,7 +55,7 @@ class UnreadableBody(Exception):
     """The body could not be read as sent; ``str()`` says why, in one line."""
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.BaseRequest) -> bytes:
     """The whole body, its Content-Encoding undone.
 
     Raises web.HTTPRequestEntityTooLarge past the application's client_max_size,
@@ -54,7 +85,7 @@ async def read_body(request: web.Request) -> bytes:
         raise UnreadableBody("the connection closed before the body was complete") from None
 
 
-def token_matches(request: web.Request, token: bytes, *, x_api_key: bool = True) -> bool:
+def token_matches(request: web.BaseRequest, token: bytes, *, x_api_key: bool = True) -> bool:
     """The token from ``Authorization: Bearer`` (or ``x-api-key``), compared in constant time."""
     sent = request.headers.get("x-api-key") if x_api_key else None
     if not sent:  # an empty x-api-key (a template left blank) does not hide the Bearer

@@ -37,6 +37,7 @@ from sidecar.config import DifyConfig
 from sidecar.logs import Summarised
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
+    Route,
     UnreadableBody,
     json_response,
     read_body,
@@ -209,8 +210,8 @@ class DifyExtension:
             log, logging.ERROR, "%d more Dify extension interactions (%d) the spool refused "
             "in the last minute (counted)")
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.post(PATH, self.handle)]
+    def routes(self) -> list[Route]:
+        return [Route("POST", PATH, self.handle)]
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="dify-pairing")
@@ -226,7 +227,7 @@ class DifyExtension:
             lines.flush()
         await self._record(self.pairing.everything())
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         if not self._token:
             return _error(404, "the API-based Extension is off: set dify.extension_token")
         if not token_matches(request, self._token, x_api_key=False):

@@ -19,9 +19,11 @@ from aiohttp.hdrs import CONTENT_TYPE
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
+    Route,
     UnreadableBody,
     json_response,
     read_body,
+    send_continue,
     spool_interactions,
     token_matches,
 )
@@ -69,19 +71,18 @@ class IngestReceiver:
             for endpoint in (*SINGLE_PATHS.values(), "batch")
         }
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         # Bound per route: a request starts (and, after its commit, resumes) one
         # coroutine fewer than with a method per route calling _handle.
         singles = [
-            web.post(path, partial(self._handle, endpoint=endpoint, batch=False),
-                     expect_handler=partial(self._expect, batch=False))
+            Route("POST", path, partial(self._handle, endpoint=endpoint, batch=False),
+                  partial(self._expect, batch=False))
             for path, endpoint in SINGLE_PATHS.items()
         ]
         batch = partial(self._handle, endpoint="batch", batch=True)
-        return [*singles,
-                web.post(BATCH_PATH, batch, expect_handler=partial(self._expect, batch=True))]
+        return [*singles, Route("POST", BATCH_PATH, batch, partial(self._expect, batch=True))]
 
-    async def _expect(self, request: web.Request, *, batch: bool) -> web.Response | None:
+    async def _expect(self, request: web.BaseRequest, *, batch: bool) -> web.Response | None:
         """``Expect: 100-continue`` (curl sends it for bodies from 1 MiB): a request to be
         refused anyway is answered before its body is sent, not after the upload."""
         try:
@@ -93,12 +94,12 @@ class IngestReceiver:
                 417, "EXPECTATION_FAILED", "only Expect: 100-continue is understood",
                 "invalid_body",
             ))
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
+        await send_continue(request)
         return None
 
-    async def _handle(self, request: web.Request, *, endpoint: str, batch: bool) -> web.Response:
+    async def _handle(
+        self, request: web.BaseRequest, *, endpoint: str, batch: bool
+    ) -> web.Response:
         try:
             form = self._admit(request, batch)
             # Credentials are masked before anything else reads the body (in a form, as it
@@ -138,7 +139,7 @@ class IngestReceiver:
         self.metrics.events_rejected.labels(rejection.reason).inc()
         return json_response(rejection.status, rejection.body(), rejection.headers)
 
-    def _admit(self, request: web.Request, batch: bool) -> bool:
+    def _admit(self, request: web.BaseRequest, batch: bool) -> bool:
         """Refuse what can be refused before the body is read; whether it is a form."""
         if not self.accepting:
             raise Rejection(
@@ -165,7 +166,7 @@ class IngestReceiver:
             raise _too_large(length, self.config.max_body_bytes)
         return form
 
-    async def _read(self, request: web.Request) -> bytes:
+    async def _read(self, request: web.BaseRequest) -> bytes:
         try:
             return await read_body(request)
         except web.HTTPRequestEntityTooLarge as e:
@@ -228,7 +229,7 @@ def _parse(body: bytes) -> Any:
         raise Rejection(400, "INVALID_JSON", message, "invalid_json") from None
 
 
-def _idempotency_key(request: web.Request) -> str | None:
+def _idempotency_key(request: web.BaseRequest) -> str | None:
     key = request.headers.get("Idempotency-Key") or request.headers.get("webhook-id")
     # Printable ASCII, as the Idempotency-Key draft and Standard Webhooks' ids are: a
     # header byte that is not UTF-8 arrives as a lone surrogate, which SQLite cannot store.
