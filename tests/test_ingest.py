@@ -687,6 +687,22 @@ async def test_unknown_path_and_method_get_json_errors(sidecar: Sidecar) -> None
     assert status == 202  # the catch-all takes nothing from the real routes
 
 
+async def test_head_and_expect_on_the_get_paths(sidecar: Sidecar) -> None:
+    """The dispatch table answers HEAD as GET without the body, and an Expect header on
+    a path without an expect handler of its own as aiohttp's router did (in JSON)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.head(sidecar.url + "/healthz") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "application/json"
+            assert await response.read() == b""
+        async with session.get(sidecar.url + "/healthz",
+                               headers={"Expect": "100-continue"}) as response:
+            assert (response.status, await response.json()) == (200, {"status": "alive"})
+        async with session.get(sidecar.url + "/healthz", headers={"Expect": "x"}) as response:
+            assert response.status == 417
+            assert (await response.json())["error"]["code"] == "EXPECTATION_FAILED"
+
+
 async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
     sidecar: Sidecar,
 ) -> None:
