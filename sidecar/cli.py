@@ -165,11 +165,15 @@ def _fail(message: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.server import Server, StartupError
 
+    # Until the configuration is read, only the environment can say the logs are JSON
+    # (the Docker image says so there).
+    log_format = os.environ.get(f"{config.ENV_PREFIX}LOG_FORMAT", "text")
     try:
         cfg = _load(args)
+        log_format = cfg.log.format
         config.check_listen_auth(cfg)
     except ConfigError as e:
-        return _fail(f"config error: {e}")
+        return _cannot_start(f"config error: {e}", log_format)
     logs.setup(cfg.log.level, cfg.log.format)
 
     async def serve() -> None:
@@ -178,14 +182,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _run_loop(serve)
     except (ConfigError, StartupError) as e:
-        if cfg.log.format == "json":
-            # A log pipeline that reads JSON lines would drop a plain one.
-            log.critical("cannot start: %s", e)
-            return 1
-        return _fail(f"cannot start: {e}")
+        return _cannot_start(f"cannot start: {e}", log_format)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _cannot_start(message: str, log_format: str) -> int:
+    if log_format != "json":
+        return _fail(message)
+    # A log pipeline that reads JSON lines would drop a plain one.
+    logs.setup("info", "json")
+    log.critical("%s", message)
+    return 1
 
 
 # The spool's writer thread needs the GIL back after every fsync; on a busy event loop

@@ -339,3 +339,24 @@ def test_a_start_up_error_is_a_json_line_when_logs_are(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = json.loads(result.stderr.strip().splitlines()[-1])
     assert line["level"] == "critical" and line["msg"].startswith("cannot start: server.host")
+
+
+@pytest.mark.parametrize("set_in", ["env", "file"])
+def test_a_config_error_is_a_json_line_when_logs_are(tmp_path: Path, set_in: str) -> None:
+    """The Docker image's commonest start-up error (JSON logs, no ingest token on 0.0.0.0)
+    was a plain line; so was any config error with JSON logs asked for in the environment."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(
+        '[server]\nhost = "0.0.0.0"\n' + ('[log]\nformat = "json"\n' if set_in == "file" else "")
+    )
+    env = {"PRECOGX_SIDECAR_LOG_FORMAT": "json"} if set_in == "env" else {}
+    result = cli(tmp_path, "run", "--config", str(config_file), **env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["level"] == "critical"
+    assert line["msg"].startswith("config error: server.ingest_token: required")
+    # A file that cannot be read at all: the environment still says JSON.
+    result = cli(tmp_path, "run", "--config", str(tmp_path / "missing.toml"),
+                 PRECOGX_SIDECAR_LOG_FORMAT="json")
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["msg"].endswith("missing.toml: config file not found")
