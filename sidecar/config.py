@@ -334,27 +334,42 @@ def _check_upstream_url(config: Config) -> None:
             "PRECOGX_API_KEY or upstream.api_key_file"
         )
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"upstream.url: must be an http:// or https:// URL, got {url!r}")
+        raise ConfigError(
+            f"upstream.url: must be an http:// or https:// URL, got {_shown(parsed)}")
     try:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    except ValueError as e:  # a port that is not a number up to 65535
-        raise ConfigError(f"upstream.url: {e}, got {url!r}") from None
+    except ValueError:  # its message quotes the port's text
+        raise ConfigError(
+            f"upstream.url: the port must be a number up to 65535, got {_shown(parsed)}"
+        ) from None
     # The endpoint path is appended: a query, a fragment or a space would end up in it.
     if url != url.strip() or parsed.query or parsed.fragment or "#" in url:
         raise ConfigError(
             f"upstream.url: must be a base URL without spaces, ?query or #fragment (the "
-            f"endpoint path is appended to it), got {url!r}"
+            f"endpoint path is appended to it), got {_shown(parsed)}"
         )
     if _ENDPOINT_TAIL.search(parsed.path):
         raise ConfigError(
             f"upstream.url: must be the API's base URL (e.g. {DEFAULT_UPSTREAM_URL}), not an "
-            f"endpoint: the endpoint path is appended to it, got {url!r}"
+            f"endpoint: the endpoint path is appended to it, got {_shown(parsed)}"
         )
     if port == config.server.port and parsed.hostname in {*_LOOPBACK_NAMES, config.server.host}:
         raise ConfigError(
             f"upstream.url: points at this sidecar itself (port {port}): events would go "
             "round in a loop; set PrecogX's URL (or your proxy's)"
         )
+
+
+def _shown(parsed: urllib.parse.SplitResult) -> str:
+    """The URL in an error, without its port text, query and fragment: the key pasted
+    into one of them (?api_key=...) would be printed before it is known as a secret."""
+    host = parsed.hostname or ""
+    shown = f"{parsed.scheme}://{f'[{host}]' if ':' in host else host}{parsed.path}"
+    hidden = [part for part, held in (
+        ("port", ":" in parsed.netloc.rpartition("]")[2]), ("?query", parsed.query),
+        ("#fragment", parsed.fragment or "#" in parsed.geturl()),
+    ) if held]
+    return repr(shown) + (f" ({', '.join(hidden)} not shown)" if hidden else "")
 
 
 def _check_cross_field(config: Config) -> None:

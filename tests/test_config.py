@@ -653,8 +653,8 @@ def test_upstream_url_needs_scheme_and_host(url: str) -> None:
 
 
 @pytest.mark.parametrize(("url", "problem"), [
-    ("http://127.0.0.1:99999/api/v1", "Port out of range"),
-    ("http://h:abc/api/v1", "Port could not be cast"),
+    ("http://127.0.0.1:99999/api/v1", "the port must be a number up to 65535"),
+    ("http://h:abc/api/v1", "the port must be a number up to 65535"),
     ("http://[::1/api/v1", "Invalid IPv6 URL"),
     ("http://me:px_live_k@[::1/api/v1", "Invalid IPv6 URL"),
 ])
@@ -685,6 +685,24 @@ def test_an_upstream_url_that_cannot_be_the_api_base_stops_start_up(
     with pytest.raises(ConfigError) as info:
         config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
     assert str(info.value).startswith("upstream.url: ") and problem in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://h.io/api/v1?api_key=px_live_k", "'https://h.io/api/v1' (?query not shown)"),
+    ("https://h.io/api/v1#px_live_k", "'https://h.io/api/v1' (#fragment not shown)"),
+    ("https://h.io:px_live_k/api/v1", "'https://h.io/api/v1' (port not shown)"),
+    ("https://[::1]:px_live_k/api/v1", "'https://[::1]/api/v1' (port not shown)"),
+    ("ftp://h.io/api/v1?k=px_live_k", "'ftp://h.io/api/v1' (?query not shown)"),
+])
+def test_an_upstream_url_refused_is_shown_without_its_port_query_and_fragment(
+    url: str, shown: str
+) -> None:
+    """Printed by check-config and at start-up before the API key is known as a secret:
+    a key pasted into the URL was printed with it."""
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={"PRECOGX_SIDECAR_UPSTREAM_URL": url})
+    assert str(info.value).endswith(f"got {shown}")
+    assert "px_live_k" not in str(info.value)
 
 
 @pytest.mark.parametrize("url", [
