@@ -33,6 +33,9 @@ log = logging.getLogger("sidecar")
 
 PRUNE_EVERY_S = 60.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the last step of a shutdown gives the handlers still running (aiohttp's default,
+# 60 s, outlasted Docker's stop timeout over one client that stopped mid-body).
+HANDLERS_DRAIN_S = 2.0
 
 
 class StartupError(Exception):
@@ -112,7 +115,9 @@ class Server:
         #    then commit what requests already handed to the spool: they get their 202.
         await self.dify.stop()
         await self.spool.close()
-        # 4. Close the listener and the remaining connections.
+        # 4. Close the listener and the remaining connections. A handler still running
+        #    waits for the rest of a body (the spool is closed: it could only answer 503),
+        #    or writes an answer: a short wait, then it is cancelled.
         if self._runner is not None:
             await self._runner.cleanup()
         if unrecorded := self.dify.unrecorded_after_stop:
@@ -154,7 +159,8 @@ class Server:
 
     async def _listen(self) -> None:
         server = build_server(self.receiver, self.dify, self.spool, self.forwarder, self.metrics)
-        self._runner = web.ServerRunner(server, handle_signals=False)
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=HANDLERS_DRAIN_S)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.config.server.host, self.config.server.port, backlog=1024

@@ -487,3 +487,27 @@ async def test_sigterm_graceful_shutdown_answers_or_refuses(
     print(f"acknowledged {len(load.acked)}, 503s {load.statuses[503]}, "
           f"errors {dict(load.errors)}, duplicates {duplicates}, "
           f"stored but unanswered {stored_unanswered}")
+
+
+async def test_sigterm_with_a_client_stopped_mid_body_exits_promptly(
+    launcher: Launcher,
+) -> None:
+    """One connection that sent its headers and part of its body held the exit for 60 s
+    (aiohttp's default shutdown timeout), longer than Docker waits before SIGKILL, with
+    the listener already closed."""
+    sidecar = await launcher.start()
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/v1/telemetry/ingest HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"agentId\": "
+    )
+    await writer.drain()
+    # Answered after the loop has read those bytes (sent earlier, on loopback): the
+    # handler then waits for the rest of the body.
+    async with aiohttp.ClientSession() as session, session.get(sidecar.url + "/healthz") as r:
+        assert r.status == 200
+    assert await sidecar.terminate() == 0, sidecar.log_tail()  # within EXIT_TIMEOUT_S
+    answer = await asyncio.wait_for(reader.read(), 30)  # a refusal, or just closed
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    writer.close()
