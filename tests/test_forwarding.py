@@ -155,6 +155,27 @@ async def test_dropped_connections_are_retried(
     assert dead_letters(sidecar) == []
 
 
+async def test_a_2xx_whose_answer_refuses_the_events_is_retried(
+    start_sidecar: StartSidecar, fake: FakePrecogX
+) -> None:
+    """A captive portal's page or an error envelope with 200 deleted the events from the
+    spool as delivered, though nothing took them."""
+    fake.script(
+        Respond(200, body="<html><body>Sign in to continue</body></html>"),
+        Respond(200, body={"error": {"code": "INTERNAL_ERROR", "message": "try later"}}),
+        Respond(202, body={"status": "error", "accepted": 0}),
+    )
+    sidecar = await start_sidecar()
+    ids = await post_events(sidecar, 3)
+    await fake.wait_for_received(3)
+    await drained(sidecar)
+    assert sorted(set(received_ids(fake))) == ids
+    assert [r.status for r in fake.requests] == [200, 200, 202, 200]
+    failures = 'precogx_sidecar_delivery_failures_total{reason="http_other"}'
+    assert await metric(sidecar, failures) == 3
+    assert dead_letters(sidecar) == []
+
+
 async def test_413_splits_until_batches_fit(start_sidecar: StartSidecar, fake: FakePrecogX) -> None:
     fake.max_batch_events = 7
     sidecar = await start_sidecar(upstream={"batch_max_events": 50})

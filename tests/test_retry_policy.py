@@ -298,3 +298,24 @@ def test_retry_after_unicode_digits_are_ignored(value: str) -> None:
 )
 def test_failure_reason(outcome: Outcome, reason: str) -> None:
     assert failure_reason(outcome) == reason
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    ("", False),
+    ('{"status": "success", "message": "Telemetry received"}', False),
+    ('{"status": "success", "accepted": 2, "interactionIds": ["a", "b"]}', False),
+    ('{"accepted": 2, "interactionIds": ["a", ' + '"x", ' * 600 + "...", False),  # cut short
+    ("OK", False),
+    ("[12 bytes, Content-Encoding: gzip]", False),
+    ("  <!DOCTYPE html><html>Sign in</html>", True),
+    ('{"error": {"code": "INTERNAL_ERROR", "message": "m", "details": {}}}', True),
+    ('{"error": {"code": "X", "message": "' + "m" * 3000 + "...", True),  # cut short
+    ('{"accepted": 0, "status": "Error"}', True),
+    ('{"status": "failed"}', True),
+    ('["error"]', False),
+])
+def test_a_2xx_is_delivered_unless_its_answer_refuses(body: str, refused: bool) -> None:
+    decision = decide(Outcome(status=200, body=body), 1, 10, POLICY, rand=lambda: 0.0)
+    assert isinstance(decision, Retry if refused else Deliver)
+    if refused:
+        assert decision == Retry(POLICY.initial_backoff_s, "http_other")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
 
 # Statuses that say "not now" rather than "never": the same events may succeed later.
 RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -87,7 +90,7 @@ def decide(
 ) -> Decision:
     """``attempt`` counts consecutive failures including this one (1 = first failure)."""
     status = outcome.status
-    if status is not None and 200 <= status < 300:
+    if status is not None and 200 <= status < 300 and not refused_in_body(outcome.body):
         return Deliver()
     if status == 413:
         return Split("too_large") if batch_size > 1 else DeadLetter("too_large")
@@ -100,13 +103,37 @@ def decide(
             and status not in RETRYABLE_4XX and status not in WRONG_ENDPOINT):
         return DeadLetter("client_error")
     # Timeouts, lost connections, 408/425/429, 404/405, every 5xx (501 and 505
-    # included: a proxy in between can answer them for a passing fault) and unexpected
-    # 1xx/3xx.
+    # included: a proxy in between can answer them for a passing fault), unexpected
+    # 1xx/3xx, and a 2xx whose answer refuses the events.
     delay = policy.backoff(attempt, rand)
     hinted = retry_after_seconds(outcome.retry_after, now)
     if hinted is not None:
         delay = min(max(delay, hinted), policy.max_backoff_s)
     return Retry(delay, failure_reason(outcome))
+
+
+# The start of an answer that cannot be PrecogX's: an error envelope when the excerpt
+# was cut short (and so cannot be parsed).
+_ERROR_FIRST = re.compile(r'\A\s*\{\s*"error"\s*:')
+_FAILED = frozenset({"error", "failed", "failure"})
+
+
+def refused_in_body(body: str) -> bool:
+    """Whether a 2xx's answer says the events were not taken: a proxy's or captive
+    portal's HTML page, or an error envelope (``{"error": ...}``, ``"status": "error"``)
+    that some gateways send with 200. Any other answer counts as the 2xx says, an empty
+    or unreadable one included: retrying a delivery that did succeed would send every
+    event again, at every backoff, until retry.max_age_s."""
+    text = body.lstrip()
+    if text.startswith("<"):
+        return True
+    try:
+        answer = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _ERROR_FIRST.match(text) is not None
+    return isinstance(answer, dict) and (
+        "error" in answer or str(answer.get("status", "")).lower() in _FAILED
+    )
 
 
 def failure_reason(outcome: Outcome) -> str:
