@@ -16,10 +16,12 @@ from aiohttp.web_protocol import RequestPayloadError
 _SECRETS: set[str] = set()
 _MASK = "********"
 # The secrets as a request body may hold them, for RedactionStage.mask_body: only those
-# made of characters JSON never escapes, and holding one no JSON number can, so that
-# replacing them in the body's text can never break the document. (Tokens made as the
-# README says, `openssl rand -hex`, and PrecogX keys all are.)
-_INERT = re.compile(r"[A-Za-z0-9._~+/=-]*[A-DF-Za-df-z_~/=][A-Za-z0-9._~+/=-]*")
+# made of characters JSON never escapes, holding one no JSON number can, and not starting
+# with a character that can end an escape ("\/", "\n", "\u0041"...: replacing from there
+# would leave a lone backslash, and "\nKey" holds no "nKey" at all), so that replacing
+# them in the body's text can never break the document. (Most tokens made as the README
+# says, `openssl rand -hex`, and PrecogX keys are; the others are masked once parsed.)
+_INERT = re.compile(r"(?![/bfnrtu])[A-Za-z0-9._~+/=-]*[A-DF-Za-df-z_~/=][A-Za-z0-9._~+/=-]*")
 _body_secrets: tuple[bytes, ...] = ()
 # The secrets as decoded text holds them (form fields, JSON strings once parsed): any
 # character will do there.

@@ -300,6 +300,24 @@ async def test_the_sidecars_own_token_escaped_in_json_is_masked(
         'say "[REDACTED:sidecar_secret]"\n')
 
 
+@pytest.mark.parametrize("token", ["/KeyWithLeadingSlash0123", "nKeyWithLeadingN0123"])
+async def test_an_own_token_starting_with_an_escape_character_breaks_no_body(
+    start_sidecar: StartSidecar, token: str,
+) -> None:
+    """Replaced in the body's bytes, "\\/Key..." (PHP's "/Key...") became a lone
+    backslash before the mask, and "\\nKey..." (a line break, then "Key...") too: both
+    valid bodies got 400 INVALID_JSON."""
+    sidecar = await start_sidecar(server={"ingest_token": token}, upstream={"api_key_file": ""})
+    escaped = ("\\" + token) if token.startswith("/") else token
+    body = (f'{{"agentId": "a", "prompt": "key {escaped} ok", "response": "line\\n{token[1:]}"}}'
+            ).encode()
+    status, answer = await raw_post(sidecar, SINGLE, f"x-api-key: {token}\r\n".encode(), body)
+    assert status == 202, answer
+    stored = orjson.loads(stored_rows(sidecar)[0][2])
+    assert stored["prompt"] == "key [REDACTED:sidecar_secret] ok"
+    assert stored["response"] == "line\n" + token[1:]  # holds no token: left as it is
+
+
 def test_only_escapes_that_can_hide_a_secret_make_the_event_walked() -> None:
     """Python's json.dumps writes every non-ASCII character as a \\u escape: walking each
     such event cost every request in a non-English deployment."""
