@@ -97,8 +97,16 @@ async def test_refusals_echo_no_secret_and_store_nothing(
         (400, leaky, {**auth, "Idempotency-Key": OPENAI * 10}),
         (413, orjson.dumps(event(prompt=OPENAI * 100)), auth),
     ]
+    cases += [
+        # What the answer echoes of the request: the Content-Type, the path, a form field.
+        (415, leaky, {**auth, "Content-Type": f"x/{INGEST_TOKEN}"}),
+        (404, leaky, {**auth, "path": f"/api/v1/{INGEST_TOKEN}"}),
+        (400, f"agentId=a&prompt=p&response=r&{TEST_KEY}=1".encode(),
+         {**auth, "Content-Type": "application/x-www-form-urlencoded"}),
+    ]
     for status, body, headers in cases:
         path = BATCH if b"interactions" in body else SINGLE
+        path = headers.pop("path", path)
         got, answer = await sidecar.post(path, data=body, headers=headers)
         assert got == status, (status, answer)
         text = orjson.dumps(answer)

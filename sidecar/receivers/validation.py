@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
+from sidecar.logs import scrub
+
 REQUIRED_TEXT_OR_OBJECT = ("prompt", "response")
 OPTIONAL_IDS = ("appId", "conversationId", "userId", "sessionId")
 
@@ -37,8 +39,12 @@ class Rejection(Exception):
 
 
 def error_body(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
-    """PrecogX's error body, as every refusal on its paths is answered."""
-    return {"error": {"code": code, "message": message, "details": details}}
+    """PrecogX's error body, as every refusal on its paths is answered. What it echoes of
+    the request (a path, a Content-Type, a field's name) never shows the sidecar's own
+    secrets: a proxy or a client's log may keep the answer."""
+    shown = {key: scrub(value) if isinstance(value, str) else value
+             for key, value in details.items()}
+    return {"error": {"code": code, "message": scrub(message), "details": shown}}
 
 
 def _invalid(code: str, message: str, field: str, index: int | None) -> Rejection:
