@@ -113,6 +113,9 @@ POSITIVES = [
     ("jwt", f"Bearer {JWT}", [JWT]),
     ("precogx_key", "key px_live_abcdefghijklmnop1234", ["px_live_abcdefghijklmnop1234"]),
     ("precogx_key", "px_test_0123456789abcdef", ["px_test_0123456789abcdef"]),
+    # Underscores and dashes are part of the key: it was masked up to the first, or not
+    # at all when fewer than 16 characters came before it.
+    ("precogx_key", "px_live_abc_defghijklmnop-12", ["px_live_abc_defghijklmnop-12"]),
     ("openai_key", "sk-proj-Qw8eRt5yUi2oPa7sDf4gHj1kLz9xCv6bNm3",
      ["sk-proj-Qw8eRt5yUi2oPa7sDf4gHj1kLz9xCv6bNm3"]),
     ("openai_key", "OPENAI_API_KEY=sk-" + "a1" * 24, ["sk-" + "a1" * 24]),
@@ -122,6 +125,10 @@ POSITIVES = [
     ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnop",
      ["github_pat_11ABCDEFG0123456789_abcdefghijklmnop"]),
     ("slack_token", "xoxb-1234567890-abcdefghijkl", ["xoxb-1234567890-abcdefghijkl"]),
+    ("slack_token", "refresh xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM",
+     ["xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM"]),
+    ("slack_token", "app xapp-1-A0123456789-1234567890123-abcdef0123",
+     ["xapp-1-A0123456789-1234567890123-abcdef0123"]),
     ("private_key", f"here:\n{PRIVATE_KEY}\nthanks", [PRIVATE_KEY]),
     ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt",
      ["-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt"]),
@@ -191,6 +198,7 @@ NEGATIVES = [
     ("github_token", "ghp_short and though_that"),
     ("slack_token", "xoxb-abc"),
     ("slack_token", "xoxo-123456789012"),
+    ("slack_token", "xapp-no-digits-here"),
     ("private_key", "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----"),
 ]
 

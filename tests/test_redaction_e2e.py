@@ -296,7 +296,7 @@ TRIGGER_LITERALS = {
     "openai_key": [b"sk-"],
     "aws_access_key": [b"AKIA", b"ASIA"],
     "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
-    "slack_token": [b"xox%c-" % c for c in b"baprs"],
+    "slack_token": [*(b"xox%c-" % c for c in b"abeprs"), b"xapp-"],
     "private_key": [b"-----BEGIN"],
 }
 

@@ -635,7 +635,8 @@ _ALL = (
     ),
     _detector(
         "precogx_key",
-        _in_text("px_", r"px_(?:live|test)_[A-Za-z0-9]{16,}", _token_start, gate="_"),
+        # "_" and "-" too: a key holding one was masked up to it, or not at all.
+        _in_text("px_", r"px_(?:live|test)_[A-Za-z0-9_-]{16,}", _token_start, gate="_"),
         secret=True,
         plain=True,
     ),
@@ -663,7 +664,9 @@ _ALL = (
     ),
     _detector(
         "slack_token",
-        _in_text("xox", r"xox[baprs]-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
+        # Bot, user, app-config, refresh (xoxe-) and app-level (xapp-) tokens.
+        _in_text("xox", r"xox[abeprs]-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
+        _in_text("xapp-", r"xapp-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
         secret=True,
         plain=True,
     ),

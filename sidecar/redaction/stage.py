@@ -53,7 +53,7 @@ def read_hmac_key(config: Config) -> bytes | None:
 # its strings (most of the cost of redaction) can be skipped. tests/test_redaction_e2e.py
 # keeps this list and the detectors in step.
 SECRET_TRIGGERS = re.compile(
-    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[baprs]-|-----BEGIN"
+    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|-----BEGIN"
 )
 # The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
@@ -82,7 +82,7 @@ _TRIGGERS: tuple[_Group, ...] = (
     _group(b"J", jwt=rb"(?<=eyJ)"),
     _group(b"_", precogx_key=rb"(?<=px_)(?:live|test)_",
            github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
-    _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?<=xox[baprs]-)",
+    _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
            private_key=rb"(?<=-----)BEGIN"),
     _group(b"A", aws_access_key=rb"[KS]IA"),
 )
