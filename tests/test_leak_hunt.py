@@ -297,11 +297,15 @@ async def test_dify_inline_marker_unmasks_a_private_key(
 # -- what the upstream answers --------------------------------------------------------
 
 
+@pytest.mark.parametrize("escaped", [False, True])
 async def test_upstream_error_echoing_the_key_stays_out_of_dead_letters(
-    start_sidecar: StartSidecar, fake: FakePrecogX
+    start_sidecar: StartSidecar, fake: FakePrecogX, escaped: bool
 ) -> None:
+    """Also when the answer's JSON writes the key with escapes ("px\\u005ftest...")."""
     sidecar = await start_sidecar()
-    fake.script(Respond(409, error_body("CONFLICT", f"key {TEST_KEY} may not use this path")))
+    quoted = "".join(f"\\u{ord(c):04x}" for c in TEST_KEY) if escaped else TEST_KEY
+    body = orjson.dumps(error_body("CONFLICT", "key QUOTED may not use this path"))
+    fake.script(Respond(409, body.replace(b"QUOTED", quoted.encode())))
     status, _ = await sidecar.post(SINGLE, data=orjson.dumps(event()), headers=JSON)
     assert status == 202
     spool = sidecar.server.spool
@@ -314,6 +318,8 @@ async def test_upstream_error_echoing_the_key_stays_out_of_dead_letters(
     assert proc.returncode == 0
     assert b"may not use" in out
     assert TEST_KEY.encode() not in out
+    # Read back as text: no escaped form of the key either.
+    assert quoted not in orjson.loads(out)[0]["error"]
 
 
 # -- the command line -----------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 
@@ -427,11 +428,20 @@ class Forwarder:
 
 def _describe(outcome: Outcome) -> str:
     """The outcome as kept with the events and logged: an upstream's error body may quote
-    the API key it was sent, so known secrets are scrubbed from it."""
+    the API key it was sent, so known secrets are scrubbed from it, JSON's escapes of
+    ASCII characters undone first ("px\\u005flive..." quotes it too)."""
     if outcome.status is None:
         return scrub(f"{outcome.error}: {outcome.body}")
+    body = scrub(_JSON_ASCII_ESCAPE.sub(_unescape, outcome.body))
     # On one line: the line breaks of a proxy's HTML page could forge log lines.
-    return f"HTTP {outcome.status}: {scrub(outcome.body)[:300].translate(_ESCAPED)}"
+    return f"HTTP {outcome.status}: {body[:300].translate(_ESCAPED)}"
+
+
+_JSON_ASCII_ESCAPE = re.compile(r"\\u00([2-7][0-9a-fA-F])|\\(/)")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return chr(int(m[1], 16)) if m[1] else "/"
 
 
 _ESCAPED = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
