@@ -313,6 +313,13 @@ def test_failure_reason(outcome: Outcome, reason: str) -> None:
     ('{"accepted": 0, "status": "Error"}', True),
     ('{"status": "failed"}', True),
     ('["error"]', False),
+    ('{"status": "success", "message": "Telemetry received", "error": null}', False),
+    ('{"status": "success", "error": false, "errors": []}', False),
+    ('{"error": null, "interactionIds": ["a", ' + '"x", ' * 600 + "...", False),  # cut short
+    ('{"status": "fail", "data": {}}', True),
+    ('{"success": false, "message": "quota"}', True),
+    ('{"errors": [{"message": "m"}]}', True),
+    ("\ufeff<html>Sign in</html>", True),
 ])
 def test_a_2xx_is_delivered_unless_its_answer_refuses(body: str, refused: bool) -> None:
     decision = decide(Outcome(status=200, body=body), 1, 10, POLICY, rand=lambda: 0.0)

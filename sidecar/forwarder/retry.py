@@ -114,17 +114,18 @@ def decide(
 
 # The start of an answer that cannot be PrecogX's: an error envelope when the excerpt
 # was cut short (and so cannot be parsed).
-_ERROR_FIRST = re.compile(r'\A\s*\{\s*"error"\s*:')
-_FAILED = frozenset({"error", "failed", "failure"})
+_ERROR_FIRST = re.compile(r'\A\{\s*"errors?"\s*:(?!\s*(?:null|false|\[\s*\]|\{\s*\}))')
+_FAILED = frozenset({"error", "fail", "failed", "failure"})
 
 
 def refused_in_body(body: str) -> bool:
     """Whether a 2xx's answer says the events were not taken: a proxy's or captive
-    portal's HTML page, or an error envelope (``{"error": ...}``, ``"status": "error"``)
-    that some gateways send with 200. Any other answer counts as the 2xx says, an empty
-    or unreadable one included: retrying a delivery that did succeed would send every
-    event again, at every backoff, until retry.max_age_s."""
-    text = body.lstrip()
+    portal's HTML page, or an error envelope (``"error"`` or ``"errors"`` set, ``"status"``
+    an error word, ``"success": false``) that some gateways send with 200. Any other
+    answer counts as the 2xx says, an empty or unreadable one included: retrying a
+    delivery that did succeed would send every event again, at every backoff, until
+    retry.max_age_s."""
+    text = body.lstrip("\ufeff \t\r\n")
     if text.startswith("<"):
         return True
     try:
@@ -132,7 +133,9 @@ def refused_in_body(body: str) -> bool:
     except orjson.JSONDecodeError:
         return _ERROR_FIRST.match(text) is not None
     return isinstance(answer, dict) and (
-        "error" in answer or str(answer.get("status", "")).lower() in _FAILED
+        bool(answer.get("error")) or bool(answer.get("errors"))
+        or answer.get("success") is False
+        or str(answer.get("status", "")).lower() in _FAILED
     )
 
 
