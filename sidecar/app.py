@@ -16,6 +16,7 @@ from aiohttp.hdrs import EXPECT
 from aiohttp.http import RawRequestMessage
 
 from sidecar.forwarder.forwarder import Forwarder
+from sidecar.logs import scrub
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import ExpectHandler, Handler, Route, json_response
 from sidecar.receivers.dify_extension import DifyExtension
@@ -115,7 +116,9 @@ def _dispatcher(routes: list[Route]) -> Handler:
         """What aiohttp answers in plain text, in the API's error body."""
         methods = allowed.get(request.path)
         if methods is None:
-            path = request.path[:MAX_PATH_SHOWN]  # echoed, but not a megabyte of it
+            # Echoed, but not a megabyte of it; scrubbed first, or the cut could leave
+            # most of a secret unmasked.
+            path = scrub(request.path)[:MAX_PATH_SHOWN]
             # The paths answered: a client on a path PrecogX has and the sidecar not
             # (/integrations/n8n/telemetry) or with /api/v1 missing sees where to go.
             return json_response(404, error_body(

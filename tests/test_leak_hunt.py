@@ -101,6 +101,8 @@ async def test_refusals_echo_no_secret_and_store_nothing(
         # What the answer echoes of the request: the Content-Type, the path, a form field.
         (415, leaky, {**auth, "Content-Type": f"x/{INGEST_TOKEN}"}),
         (404, leaky, {**auth, "path": f"/api/v1/{INGEST_TOKEN}"}),
+        # Cut to 200 characters where the token starts: the cut must not unmask it.
+        (404, leaky, {**auth, "path": "/" + "a" * 190 + INGEST_TOKEN}),
         (400, f"agentId=a&prompt=p&response=r&{TEST_KEY}=1".encode(),
          {**auth, "Content-Type": "application/x-www-form-urlencoded"}),
     ]
@@ -112,6 +114,7 @@ async def test_refusals_echo_no_secret_and_store_nothing(
         text = orjson.dumps(answer)
         for secret in (OPENAI, INGEST_TOKEN, TEST_KEY):
             assert secret.encode() not in text, (status, secret)
+            assert secret[:8].lower().encode() not in text.lower(), (status, secret)
     assert sidecar.server.spool.counts.pending == 0
     blob = spool_bytes(sidecar)
     assert OPENAI.encode() not in blob and INGEST_TOKEN.encode() not in blob

@@ -157,10 +157,11 @@ class IngestReceiver:
         content_type = request.headers.get(CONTENT_TYPE, "")
         form = False
         if content_type not in JSON_TYPES:
-            content_type = content_type.partition(";")[0].strip().lower()
+            sent = content_type.partition(";")[0].strip()
+            content_type = sent.lower()
             form = content_type == FORM_TYPE and not batch
             if not form and content_type not in JSON_TYPES:
-                raise _unsupported(content_type, batch)
+                raise _unsupported(sent, batch)  # as sent: a secret in it is then masked
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             raise _too_large(length, self.config.max_body_bytes)
