@@ -154,6 +154,9 @@ def _time_arg(text: str) -> float:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    # Known before the configuration is read: an error quoting a setting that holds it
+    # (the key set as upstream.url, say) must not print it.
+    logs.register_secret(os.environ.get(config.ENV_API_KEY, ""))
     return config.load(args.config)
 
 
@@ -165,15 +168,11 @@ def _fail(message: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.server import Server, StartupError
 
-    # Until the configuration is read, only the environment can say the logs are JSON
-    # (the Docker image says so there).
-    log_format = os.environ.get(f"{config.ENV_PREFIX}LOG_FORMAT", "text")
     try:
         cfg = _load(args)
-        log_format = cfg.log.format
         config.check_listen_auth(cfg)
     except ConfigError as e:
-        return _cannot_start(f"config error: {e}", log_format)
+        return _cannot_start(f"config error: {e}", config.requested_log_format(args.config))
     logs.setup(cfg.log.level, cfg.log.format)
 
     async def serve() -> None:
@@ -182,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _run_loop(serve)
     except (ConfigError, StartupError) as e:
-        return _cannot_start(f"cannot start: {e}", log_format)
+        return _cannot_start(f"cannot start: {e}", cfg.log.format)
     except KeyboardInterrupt:
         pass
     return 0

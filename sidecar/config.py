@@ -167,6 +167,20 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     return config
 
 
+def requested_log_format(path: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The log format a configuration asks for, read as far as it can be when it does not
+    load: an error about it must reach a JSON log pipeline as JSON."""
+    env = os.environ if env is None else env
+    asked = env.get(f"{ENV_PREFIX}LOG_FORMAT")
+    if asked is None:
+        try:
+            path = path or env.get(ENV_CONFIG_FILE)
+            asked = _read_toml(path)["log"]["format"] if path else None
+        except (ConfigError, KeyError, TypeError):
+            asked = None
+    return "json" if isinstance(asked, str) and asked.strip().lower() == "json" else "text"
+
+
 def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -334,8 +348,11 @@ def _check_upstream_url(config: Config) -> None:
             "PRECOGX_API_KEY or upstream.api_key_file"
         )
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        scheme = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
         raise ConfigError(
-            f"upstream.url: must be an http:// or https:// URL, got {_shown(parsed)}")
+            f"upstream.url: must be an http:// or https:// URL with a host, got {scheme}"
+            f"{'' if parsed.hostname else ' and no host'} (the value is not shown: it may "
+            "be a key set in the wrong variable)")
     try:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
     except ValueError:  # its message quotes the port's text

@@ -357,6 +357,20 @@ def test_a_config_error_is_a_json_line_when_logs_are(tmp_path: Path, set_in: str
     assert line["msg"].startswith("config error: server.ingest_token: required")
     # A file that cannot be read at all: the environment still says JSON.
     result = cli(tmp_path, "run", "--config", str(tmp_path / "missing.toml"),
-                 PRECOGX_SIDECAR_LOG_FORMAT="json")
+                 PRECOGX_SIDECAR_LOG_FORMAT="JSON")
     line = json.loads(result.stderr.strip().splitlines()[-1])
     assert line["msg"].endswith("missing.toml: config file not found")
+    # A file that asks for JSON and does not load: as far as it can be read, it is.
+    config_file.write_text('[log]\nformat = "json"\n[server]\nmax_body_bytes = "big"\n')
+    result = cli(tmp_path, "run", "--config", str(config_file))
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["msg"].startswith("config error: server.max_body_bytes")
+
+
+def test_a_config_error_never_prints_the_api_key_from_the_environment(tmp_path: Path) -> None:
+    """Set in the URL's variable by mistake, the key was printed in the error refusing it."""
+    key = "px_live_WrongVariable0123456789"
+    result = cli(tmp_path, "check-config", PRECOGX_API_KEY=key,
+                 PRECOGX_SIDECAR_UPSTREAM_URL=f"https://h.io/api/v1/{key}/telemetry/batch")
+    assert_config_error(result, "upstream.url")
+    assert key not in result.stderr
