@@ -13,7 +13,7 @@ from collections.abc import Callable
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.hdrs import EXPECT
-from aiohttp.http import RawRequestMessage
+from aiohttp.http import HttpVersion11, RawRequestMessage
 
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.logs import scrub
@@ -133,7 +133,8 @@ def _dispatcher(routes: list[Route]) -> Handler:
         if route is None:
             return no_route(request)
         handler, expect = route
-        if EXPECT in request.headers:
+        # HTTP/1.0 has no Expect: RFC 9110 has it ignored there.
+        if EXPECT in request.headers and request.version >= HttpVersion11:
             refused = await expect(request)
             if refused is not None:
                 return refused

@@ -33,9 +33,10 @@ log = logging.getLogger("sidecar")
 
 PRUNE_EVERY_S = 60.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# What the last step of a shutdown gives the handlers still running (aiohttp's default,
-# 60 s, outlasted Docker's stop timeout over one client that stopped mid-body).
-HANDLERS_DRAIN_S = 2.0
+# What the last step of a shutdown gives the handlers still running: time for a slow
+# redaction to end in its 503 (aiohttp's default, 60 s, outlasted Docker's stop timeout
+# over one client that stopped mid-body).
+HANDLERS_DRAIN_S = 5.0
 
 
 class StartupError(Exception):

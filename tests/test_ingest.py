@@ -719,6 +719,13 @@ async def test_head_and_expect_on_the_get_paths(sidecar: Sidecar) -> None:
         async with session.get(sidecar.url + "/healthz", headers={"Expect": "x"}) as response:
             assert response.status == 417
             assert (await response.json())["error"]["code"] == "EXPECTATION_FAILED"
+    # HTTP/1.0 knows no Expect: ignored (RFC 9110), on the ingest paths too.
+    async with aiohttp.ClientSession(version=aiohttp.HttpVersion10) as session:
+        async with session.get(sidecar.url + "/healthz", headers={"Expect": "x"}) as response:
+            assert response.status == 200
+        async with session.post(sidecar.url + SINGLE, json=EXAMPLE_EVENT,
+                                headers={"Expect": "x"}) as response:
+            assert response.status == 202
 
 
 async def test_spool_file_removed_under_a_running_sidecar_is_refused_and_shown(
