@@ -315,6 +315,9 @@ def test_failure_reason(outcome: Outcome, reason: str) -> None:
     ('["error"]', False),
     ('{"status": "success", "message": "Telemetry received", "error": null}', False),
     ('{"status": "success", "error": false, "errors": []}', False),
+    # A success status wins: resending a batch taken but for some events would send
+    # all of them again and again.
+    ('{"status": "success", "accepted": 98, "errors": [{"index": 3}]}', False),
     ('{"error": null, "interactionIds": ["a", ' + '"x", ' * 600 + "...", False),  # cut short
     ('{"status": "fail", "data": {}}', True),
     ('{"success": false, "message": "quota"}', True),

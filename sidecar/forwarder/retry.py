@@ -120,11 +120,12 @@ _FAILED = frozenset({"error", "fail", "failed", "failure"})
 
 def refused_in_body(body: str) -> bool:
     """Whether a 2xx's answer says the events were not taken: a proxy's or captive
-    portal's HTML page, or an error envelope (``"error"`` or ``"errors"`` set, ``"status"``
-    an error word, ``"success": false``) that some gateways send with 200. Any other
-    answer counts as the 2xx says, an empty or unreadable one included: retrying a
-    delivery that did succeed would send every event again, at every backoff, until
-    retry.max_age_s."""
+    portal's HTML page, or an error envelope that some gateways send with 200 (a
+    ``"status"`` that is an error word; with no status, ``"error"`` or ``"errors"`` set or
+    ``"success": false``). Any other answer counts as the 2xx says, an empty or
+    unreadable one included, and so does a success status beside errors (a batch taken
+    but for some events, in a form PrecogX does not document): retrying a delivery that
+    did succeed would send every event again, at every backoff, until retry.max_age_s."""
     text = body.lstrip("\ufeff \t\r\n")
     if text.startswith("<"):
         return True
@@ -132,11 +133,12 @@ def refused_in_body(body: str) -> bool:
         answer = orjson.loads(text)
     except orjson.JSONDecodeError:
         return _ERROR_FIRST.match(text) is not None
-    return isinstance(answer, dict) and (
-        bool(answer.get("error")) or bool(answer.get("errors"))
-        or answer.get("success") is False
-        or str(answer.get("status", "")).lower() in _FAILED
-    )
+    if not isinstance(answer, dict):
+        return False
+    status = answer.get("status")
+    if status is not None:
+        return str(status).lower() in _FAILED
+    return bool(answer.get("error")) or bool(answer.get("errors")) or answer.get("success") is False
 
 
 def failure_reason(outcome: Outcome) -> str:
