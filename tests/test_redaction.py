@@ -967,3 +967,15 @@ def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, An
     if "thanks" in str(holder):
         assert "thanks" in text  # what follows the END line is no key
     assert redactor.redact(e) == []  # and redacting again changes nothing
+
+
+def test_a_private_key_without_its_end_line_is_masked_past_a_nul_in_its_string() -> None:
+    """The strings of an event are joined by NUL for the scan: a NUL inside the string
+    read as its end, and what followed it stayed in clear."""
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    e = event(prompt="-----BEGIN RSA PRIVATE KEY-----\nMIIEow\0keymaterial0\nxyz1",
+              response="an e-mail a@b.io\0 after a NUL")
+    redactor.redact(e)
+    assert e["prompt"] == "[REDACTED:private_key]"
+    assert e["response"] == "an e-mail a@b.io\0 after a NUL"  # the rest left as it was
+    assert redactor.redact(e) == []

@@ -207,7 +207,10 @@ class _Strings:
 
     def joined(self) -> Text:
         if self._joined is None:
-            self._joined = Text("\0".join(self.texts))
+            text = "\0".join(self.texts)
+            if text.count("\0") >= len(self.texts):
+                text = "\0".join(map(_without_nul, self.texts))
+            self._joined = Text(text)
             self._nuls = []
         return self._joined
 
@@ -235,6 +238,13 @@ class _Strings:
         self.texts[i] = text
         self._joined = None
         return key, trail
+
+
+def _without_nul(text: str) -> str:
+    """``text`` as scanned: a NUL in it would read as the end of the string (a private
+    key without an END line masked only up to it); another character of the same length
+    there ends every match just as well."""
+    return text.replace("\0", "\ufffd")
 
 
 def merged(spans: list[Span]) -> list[Span]:
@@ -591,7 +601,7 @@ class Redactor:
             ]
 
         def matches(text: str) -> list[Span]:
-            spans = find(Text(text)) if find is not None else []
+            spans = find(Text(_without_nul(text))) if find is not None else []
             return spans + pattern_matches(text) if regexes else spans
 
         def scan(strings: _Strings, hits: list[Hit]) -> None:
