@@ -124,6 +124,14 @@ POSITIVES = [
     ("github_token", "ghp_" + "aB3" * 12, ["ghp_" + "aB3" * 12]),
     ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnop",
      ["github_pat_11ABCDEFG0123456789_abcdefghijklmnop"]),
+    ("aws_secret_key", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+     ["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]),
+    ("aws_secret_key", "export AWS_SECRET_ACCESS_KEY='wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY'",
+     ["wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"]),
+    ("aws_secret_key", '{"AccessKeyId": "x", "SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfi'
+     'CYEXAMPLEKEY"}', ["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]),
+    ("aws_secret_key", "secretAccessKey:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY.",
+     ["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]),
     ("slack_token", "xoxb-1234567890-abcdefghijkl", ["xoxb-1234567890-abcdefghijkl"]),
     ("slack_token", "refresh xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM",
      ["xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM"]),
@@ -196,6 +204,11 @@ NEGATIVES = [
     ("aws_access_key", "ASIAPACIFICREGIONSALESTEAM"),
     ("aws_access_key", "AKIAIOSFODNN7EXAMPLE1"),
     ("github_token", "ghp_short and though_that"),
+    # Only the named value, of exactly 40 characters.
+    ("aws_secret_key", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("aws_secret_key", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY1"),
+    ("aws_secret_key", "aws_secret_access_key = short"),
+    ("aws_secret_key", "secret_access_key is where the key goes: see the docs for it, ok"),
     ("slack_token", "xoxb-abc"),
     ("slack_token", "xoxo-123456789012"),
     ("slack_token", "xapp-no-digits-here"),
@@ -304,12 +317,12 @@ def test_detector_leaves_near_misses(detector: str, text: str) -> None:
 def test_catalogue() -> None:
     assert list(DETECTORS) == [
         "email", "phone", "credit_card", "iban", "us_ssn", "ipv4", "ipv6", "jwt",
-        "precogx_key", "openai_key", "aws_access_key", "github_token", "slack_token",
-        "private_key",
+        "precogx_key", "openai_key", "aws_access_key", "aws_secret_key", "github_token",
+        "slack_token", "private_key",
     ]
     assert SECRET_DETECTORS == (
-        "jwt", "precogx_key", "openai_key", "aws_access_key", "github_token", "slack_token",
-        "private_key",
+        "jwt", "precogx_key", "openai_key", "aws_access_key", "aws_secret_key",
+        "github_token", "slack_token", "private_key",
     )
 
 
@@ -324,6 +337,7 @@ def test_no_detector_matches_across_strings(detector: str) -> None:
         "jwt": (JWT[:30], JWT[30:]), "precogx_key": ("px_live_", "abcdefghijklmnop1234"),
         "openai_key": ("sk-proj-", "Qw8eRt5yUi2oPa7sDf4gHj1"),
         "aws_access_key": ("AKIAIOSF", "ODNN7EXAMPLE"), "github_token": ("ghp_", "aB3" * 12),
+        "aws_secret_key": ("aws_secret_access_key = ", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
         "slack_token": ("xoxb-", "1234567890-abcdefghijkl"),
         "private_key": ("-----BEGIN RSA PRIVATE", " KEY-----\nabc"),
     }[detector]

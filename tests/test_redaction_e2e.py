@@ -20,6 +20,7 @@ from tests.fake_precogx import FakePrecogX
 SECRETS = {
     "openai": "sk-proj-Zx9aQ2mN7vB4cL1kJ8hG5fD3sA6pO0iU",
     "aws": "AKIAIOSFODNN7EXAMPLE",
+    "aws_secret": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "github": "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
     "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
            "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
@@ -42,7 +43,8 @@ HMAC_KEY = "k3y-for-pseudonyms-0123456789"
 def seeded_event(i: int) -> dict[str, Any]:
     e: dict[str, Any] = copy.deepcopy(EXAMPLE_EVENT)
     e["prompt"] = (f"#{i} my key is {SECRETS['openai']} and {SECRETS['aws']}; mail "
-                   f"{SECRETS['email']}, card {SECRETS['card']}")
+                   f"{SECRETS['email']}, card {SECRETS['card']}\n"
+                   f'{{"SecretAccessKey": "{SECRETS["aws_secret"]}"}}')
     e["response"] = {"answer": f"token {SECRETS['github']} / {SECRETS['jwt']}"}
     e["userId"] = "user-42"
     e["metadata"]["customer_email"] = "private@example.org"
@@ -258,6 +260,7 @@ SECRET_EXAMPLES = {
     "precogx_key": "px_live_abcdefghijklmnop1234",
     "openai_key": SECRETS["openai"],
     "aws_access_key": SECRETS["aws"],
+    "aws_secret_key": "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "github_token": SECRETS["github"],
     "slack_token": "xoxb-123456789012-abcdefghijkl",
     "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----",
@@ -295,6 +298,8 @@ TRIGGER_LITERALS = {
     "precogx_key": [b"px_live_", b"px_test_"],
     "openai_key": [b"sk-"],
     "aws_access_key": [b"AKIA", b"ASIA"],
+    "aws_secret_key": [b"secret_access_key", b"SECRET_ACCESS_KEY", b"SecretAccessKey",
+                       b"secretAccessKey"],
     "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
     "slack_token": [*(b"xox%c-" % c for c in b"abeprs"), b"xapp-"],
     "private_key": [b"-----BEGIN"],

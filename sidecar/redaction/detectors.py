@@ -584,6 +584,20 @@ def _find_private_keys(t: Text) -> list[Span]:
     return spans
 
 
+_AWS_SECRET = re.compile(
+    r"(?:secret_access_key|SECRET_ACCESS_KEY|[Ss]ecretAccessKey)"
+    r"[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?(?P<key>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
+
+
+def _find_aws_secret_keys(t: Text) -> list[Span]:
+    """The value after an AWS secret access key's name (only the value is masked)."""
+    text = t.text
+    if "ccess" not in text and "CCESS" not in text:
+        return []
+    return [m.span("key") for m in _AWS_SECRET.finditer(text, t.start)]
+
+
 # -- the catalogue ---------------------------------------------------------------------
 
 
@@ -655,6 +669,10 @@ _ALL = (
         secret=True,
         plain=True,
     ),
+    # The secret that goes with an access key: 40 characters no format tells apart from
+    # other base64, so only where its name says what it is (credentials file, env, the
+    # API's and SDKs' JSON, pasted as text).
+    _detector("aws_secret_key", _find_aws_secret_keys, secret=True),
     _detector(
         "github_token",
         _in_text("_", r"gh[pousr]_[A-Za-z0-9]{36,}", _token_start, back=3, lead="gh"),

@@ -53,7 +53,8 @@ def read_hmac_key(config: Config) -> bytes | None:
 # its strings (most of the cost of redaction) can be skipped. tests/test_redaction_e2e.py
 # keeps this list and the detectors in step.
 SECRET_TRIGGERS = re.compile(
-    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|-----BEGIN"
+    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|secret_access_key|SECRET_ACCESS_KEY|[Ss]ecretAccessKey"
+    rb"|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|-----BEGIN"
 )
 # The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
@@ -81,10 +82,11 @@ def _group(byte: bytes, **tails: bytes) -> _Group:
 _TRIGGERS: tuple[_Group, ...] = (
     _group(b"J", jwt=rb"(?<=eyJ)"),
     _group(b"_", precogx_key=rb"(?<=px_)(?:live|test)_",
+           aws_secret_key=rb"(?:(?<=secret_)access_key|(?<=SECRET_)ACCESS_KEY)",
            github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
            private_key=rb"(?<=-----)BEGIN"),
-    _group(b"A", aws_access_key=rb"[KS]IA"),
+    _group(b"A", aws_access_key=rb"[KS]IA", aws_secret_key=rb"(?<=[Ss]ecretA)ccessKey"),
 )
 # No literal starts more than this many bytes before its group's byte ("github" of
 # github_pat_).
