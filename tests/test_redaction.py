@@ -133,6 +133,10 @@ POSITIVES = [
     ("aws_secret_key", "secretAccessKey:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY.",
      ["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]),
     ("slack_token", "xoxb-1234567890-abcdefghijkl", ["xoxb-1234567890-abcdefghijkl"]),
+    ("slack_webhook", "post to https://hooks.slack.com/services/T0A1B2C3D/B0A1B2C3D/a1B2c3D4e5"
+     " now", ["hooks.slack.com/services/T0A1B2C3D/B0A1B2C3D/a1B2c3D4e5"]),
+    ("slack_webhook", "https://hooks.slack.com/triggers/T0A1B2C3D/1234567890/abcdef0123",
+     ["hooks.slack.com/triggers/T0A1B2C3D/1234567890/abcdef0123"]),
     ("slack_token", "refresh xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM",
      ["xoxe-1-My0xLTEyMzQ1Njc4OTAxMi1hYmM"]),
     ("slack_token", "app xapp-1-A0123456789-1234567890123-abcdef0123",
@@ -210,6 +214,8 @@ NEGATIVES = [
     ("aws_secret_key", "aws_secret_access_key = short"),
     ("aws_secret_key", "secret_access_key is where the key goes: see the docs for it, ok"),
     ("slack_token", "xoxb-abc"),
+    ("slack_webhook", "see https://hooks.slack.com/services/ for how to make one"),
+    ("slack_webhook", "https://api.slack.com/services/T0A1B2C3D/B0A1B2C3D/a1B2c3D4e5"),
     ("slack_token", "xoxo-123456789012"),
     ("slack_token", "xapp-no-digits-here"),
     ("private_key", "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----"),
@@ -318,11 +324,11 @@ def test_catalogue() -> None:
     assert list(DETECTORS) == [
         "email", "phone", "credit_card", "iban", "us_ssn", "ipv4", "ipv6", "jwt",
         "precogx_key", "openai_key", "aws_access_key", "aws_secret_key", "github_token",
-        "slack_token", "private_key",
+        "slack_token", "slack_webhook", "private_key",
     ]
     assert SECRET_DETECTORS == (
         "jwt", "precogx_key", "openai_key", "aws_access_key", "aws_secret_key",
-        "github_token", "slack_token", "private_key",
+        "github_token", "slack_token", "slack_webhook", "private_key",
     )
 
 
@@ -339,6 +345,7 @@ def test_no_detector_matches_across_strings(detector: str) -> None:
         "aws_access_key": ("AKIAIOSF", "ODNN7EXAMPLE"), "github_token": ("ghp_", "aB3" * 12),
         "aws_secret_key": ("aws_secret_access_key = ", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
         "slack_token": ("xoxb-", "1234567890-abcdefghijkl"),
+        "slack_webhook": ("https://hooks.slack.com/services/", "T0A1B2C3D/B0A1B2C3D/a1B2c3D4"),
         "private_key": ("-----BEGIN RSA PRIVATE", " KEY-----\nabc"),
     }[detector]
     ev = event(prompt=pieces[0], response=pieces[1])

@@ -21,6 +21,7 @@ SECRETS = {
     "openai": "sk-proj-Zx9aQ2mN7vB4cL1kJ8hG5fD3sA6pO0iU",
     "aws": "AKIAIOSFODNN7EXAMPLE",
     "aws_secret": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "webhook": "hooks.slack.com/services/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",
     "github": "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
     "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
            "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
@@ -45,7 +46,8 @@ def seeded_event(i: int) -> dict[str, Any]:
     e["prompt"] = (f"#{i} my key is {SECRETS['openai']} and {SECRETS['aws']}; mail "
                    f"{SECRETS['email']}, card {SECRETS['card']}\n"
                    f'{{"SecretAccessKey": "{SECRETS["aws_secret"]}"}}')
-    e["response"] = {"answer": f"token {SECRETS['github']} / {SECRETS['jwt']}"}
+    e["response"] = {"answer": f"token {SECRETS['github']} / {SECRETS['jwt']}",
+                     "alerts": f"https://{SECRETS['webhook']}"}
     e["userId"] = "user-42"
     e["metadata"]["customer_email"] = "private@example.org"
     e["toolCalls"] = [{"name": "pay", "input": {"account": SECRETS["account"]}}]
@@ -263,6 +265,7 @@ SECRET_EXAMPLES = {
     "aws_secret_key": "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "github_token": SECRETS["github"],
     "slack_token": "xoxb-123456789012-abcdefghijkl",
+    "slack_webhook": "https://hooks.slack.com/services/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",
     "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----",
 }
 
@@ -302,6 +305,7 @@ TRIGGER_LITERALS = {
                        b"secretAccessKey"],
     "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
     "slack_token": [*(b"xox%c-" % c for c in b"abeprs"), b"xapp-"],
+    "slack_webhook": [b"hooks.slack.com"],
     "private_key": [b"-----BEGIN"],
 }
 

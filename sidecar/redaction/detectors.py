@@ -546,6 +546,10 @@ def _token_with_digit(text: str, start: int, end: int) -> Span | None:
     return _token_start(text, start, end)
 
 
+def _whole(_: str, start: int, end: int) -> Span | None:
+    return start, end
+
+
 def _alnum_token(text: str, start: int, end: int) -> Span | None:
     if start > 0 and text[start - 1] in _ALNUM and not _after_escape(text, start):
         return None
@@ -687,6 +691,14 @@ _ALL = (
         _in_text("xapp-", r"xapp-[A-Za-z0-9-]{8,}[A-Za-z0-9]", _token_with_digit, gate="x"),
         secret=True,
         plain=True,
+    ),
+    # Anyone holding the URL can post to the channel. Masked from its host on ("https://"
+    # holds nothing); "/" makes it no plain detector (JSON may write it "\/").
+    _detector(
+        "slack_webhook",
+        _in_text("hooks.slack.com/", r"hooks\.slack\.com/(?:services|workflows|triggers)"
+                 r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="k"),
+        secret=True,
     ),
     # Without an END line (a truncated paste) everything after BEGIN is key material.
     _detector(

@@ -54,7 +54,7 @@ def read_hmac_key(config: Config) -> bytes | None:
 # keeps this list and the detectors in step.
 SECRET_TRIGGERS = re.compile(
     rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|secret_access_key|SECRET_ACCESS_KEY|[Ss]ecretAccessKey"
-    rb"|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|-----BEGIN"
+    rb"|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|hooks\.slack\.com|-----BEGIN"
 )
 # The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
@@ -87,6 +87,7 @@ _TRIGGERS: tuple[_Group, ...] = (
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
            private_key=rb"(?<=-----)BEGIN"),
     _group(b"A", aws_access_key=rb"[KS]IA", aws_secret_key=rb"(?<=[Ss]ecretA)ccessKey"),
+    _group(b"k", slack_webhook=rb"(?<=hook)s\.slack\.com"),
 )
 # No literal starts more than this many bytes before its group's byte ("github" of
 # github_pat_).
