@@ -36,6 +36,13 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     await s.close()
 
 
+async def opened(path: Path) -> Spool:
+    """A spool on ``path`` with the default configuration, open."""
+    spool = Spool(SpoolConfig(path=str(path)))
+    await spool.open()
+    return spool
+
+
 async def put(spool: Spool, n: int, key: str | None = None) -> list[int]:
     ids = spool.allocate_ids(n)
     return await spool.append(ids, [b'{"n": %d}' % i for i in ids], key)
@@ -145,8 +152,7 @@ async def test_keys_stored_before_fingerprints_match_any_request(tmp_path: Path)
         db.execute("INSERT INTO meta VALUES ('spool_id', 'abcdef012345'), ('next_id', '8')")
         db.execute("INSERT INTO idempotency VALUES ('k', ?, '[7]')", (time.time(),))
         db.execute("PRAGMA user_version = 1")
-    s = Spool(SpoolConfig(path=str(path)))
-    await s.open()
+    s = await opened(path)
     assert await s.append(s.allocate_ids(1), [b"{}"], "k", "any") == [7]
     await s.close()
     with sqlite3.connect(path) as db:
@@ -230,8 +236,7 @@ async def test_a_spool_file_removed_while_open_refuses_what_it_cannot_keep(
     """SQLite goes on writing to the old inode, which the next start never sees: every
     commit after the file went is refused, before anyone is answered."""
     path = tmp_path / "s.db"
-    s = Spool(SpoolConfig(path=str(path)))
-    await s.open()
+    s = await opened(path)
     await put(s, 1)
     if how == "removed":
         path.unlink()
@@ -252,8 +257,7 @@ async def test_a_wal_or_shm_removed_while_open_refuses_events(
     (a crash loses them), and a CLI write through a new -wal or -shm is mixed with the
     sidecar's: refused, as for the file itself."""
     path = tmp_path / "s.db"
-    s = Spool(SpoolConfig(path=str(path)))
-    await s.open()
+    s = await opened(path)
     await put(s, 1)
     (tmp_path / f"s.db{suffix}").unlink()
     with pytest.raises(SpoolUnavailable, match=f"s.db{suffix} was removed or replaced"):
@@ -435,8 +439,7 @@ async def test_spool_that_cannot_write_stays_unwritable_until_a_write_commits(
 
 async def test_read_only_spool_refused_at_open(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    first = Spool(SpoolConfig(path=str(path)))
-    await first.open()
+    first = await opened(path)
     await first.close()
     s = Spool(SpoolConfig(path=str(path)))
     configure = s._writer_db._configure
@@ -521,8 +524,7 @@ def short_wal(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("short_wal")
 async def test_a_long_wal_is_rewound_after_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await grow_wal(spool, 40)
     assert path.with_name("spool.db-wal").stat().st_size > 40 * 4096
     await spool.checkpoint()
@@ -534,8 +536,7 @@ async def test_a_long_wal_is_rewound_after_a_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("short_wal")
 async def test_the_writer_finishes_a_checkpoint_the_reader_could_not(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     # A reader holding an old snapshot keeps every checkpoint pass from copying the
     # newer frames, as a steady stream of commits would.
     reader = sqlite3.connect(path, isolation_level=None)
@@ -557,8 +558,7 @@ async def test_a_wal_grown_by_a_burst_is_cut_back_on_its_next_rewind(
     """SQLite rewinds a checkpointed WAL but keeps its file at the largest size it had."""
     monkeypatch.setattr("sidecar.spool.connection.WAL_SIZE_LIMIT", 8 * 4096)
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await grow_wal(spool, 40)
     await spool.checkpoint()
     await grow_wal(spool, 1)
@@ -595,8 +595,7 @@ async def fill_and_drain(spool: Spool, events: int) -> None:
 @pytest.mark.usefixtures("small_reclaim")
 async def test_the_room_delivered_events_freed_goes_back_to_the_disk(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await fill_and_drain(spool, 600)
     full, freed = path.stat().st_size, free_pages(path)
     assert freed >= 600
@@ -624,14 +623,12 @@ async def test_an_older_spool_keeps_its_room_until_compacted(
     by itself: `spool compact`, with the sidecar stopped, converts it."""
     caplog.set_level(logging.INFO, "sidecar.spool")
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await spool.close()
     with sqlite3.connect(path, isolation_level=None) as db:
         db.execute("PRAGMA auto_vacuum = NONE")
         db.execute("VACUUM")
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     assert "spool compact" in caplog.text
     await fill_and_drain(spool, 300)
     kept = await put(spool, 2)
@@ -651,8 +648,7 @@ async def test_an_older_spool_keeps_its_room_until_compacted(
         assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
     assert [row[0] for row in before] == kept
     assert admin.check(sqlite3.connect(path)) == []
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await fill_and_drain(spool, 300)
     await spool.reclaim()
     assert free_pages(path) < 300  # now it does
@@ -661,8 +657,7 @@ async def test_an_older_spool_keeps_its_room_until_compacted(
 
 async def test_no_sidecar_starts_on_a_spool_being_compacted(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     await spool.close()
     lock = store.lock_spool(path, store.COMPACTING)
     try:
@@ -684,8 +679,7 @@ async def test_compact_beside_a_reader_says_the_wal_is_cut_later(tmp_path: Path)
     """A reader (a CLI listing, a sqlite3 shell) keeps the WAL from being cut: compact
     said the file was rewritten while it had grown by the whole WAL."""
     path = tmp_path / "spool.db"
-    spool = Spool(SpoolConfig(path=str(path)))
-    await spool.open()
+    spool = await opened(path)
     ids = await put(spool, 20)
     await spool.close()
     reader = sqlite3.connect(path, isolation_level=None)
