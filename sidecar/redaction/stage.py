@@ -47,27 +47,22 @@ def read_hmac_key(config: Config) -> bytes | None:
     return key
 
 
-# Every built-in credential detector needs one of these literals in the text it matches.
-# orjson escapes only quotes, backslashes and control characters, none of which occur in
-# them, so a serialised event without any of them holds no credential: the walk over all
-# its strings (most of the cost of redaction) can be skipped. tests/test_redaction_e2e.py
-# keeps this list and the detectors in step.
-SECRET_TRIGGERS = re.compile(
-    rb"eyJ|px_live_|px_test_|sk-|AKIA|ASIA|secret_access_key|SECRET_ACCESS_KEY|[Ss]ecretAccessKey"
-    rb"|gh[pousr]_|github_pat_|xox[abeprs]-|xapp-|hooks\.slack\.com|-----BEGIN"
-)
-# The same literals grouped by one byte they hold: ``in`` for a single byte is a memchr,
+# Every built-in credential detector needs one of the literals below in the text it
+# matches. orjson escapes only quotes, backslashes and control characters, none of which
+# occur in them, so a serialised event without any of them holds no credential: the walk
+# over all its strings (most of the cost of redaction) can be skipped.
+# They are grouped by one byte they hold: ``in`` for a single byte is a memchr,
 # some hundred times faster than any regex over a large body, and most bodies lack most
 # of these bytes. The byte is held as an int: ``bytes in bytes`` first tries its operand
 # as an int and formats (then drops) a TypeError, five times the cost of the memchr.
 # Each group's regex is the shared byte, then what follows it in each detector's literal:
-# the byte in front lets the engine skip to it (a regex holding all literals at once,
-# like SECRET_TRIGGERS, tries every alternative at every byte). Each detector's branch
+# the byte in front lets the engine skip to it (a regex holding all literals at once
+# tries every alternative at every byte). Each detector's branch
 # ends in an empty group of its own, so one pass over the body names every detector of
 # the group it holds (the match's lastindex), rather than one search per detector. No
 # byte is the group's byte in two literals (private_key's is the last dash, not the
 # first, which may end "sk-"): a pass finds each literal at a byte of its own.
-# tests/test_redaction_e2e.py checks that both name the same bodies.
+# tests/test_redaction_e2e.py keeps the literals and the detectors in step.
 _Member = tuple[str, re.Pattern[bytes]]
 _Group = tuple[int, re.Pattern[bytes], tuple[_Member, ...]]
 
