@@ -25,6 +25,7 @@ from sidecar.spool.store import (
     SpoolCompacting,
     SpoolInUse,
     free_pages_bytes,
+    gives_back_space,
     lock_spool,
     replaced_under_sidecar,
     size_on_disk,
@@ -218,11 +219,10 @@ def _disk(db: sqlite3.Connection) -> dict[str, Any]:
     """What the file takes on disk, how much of it is free pages, and whether a running
     sidecar gives those back (a spool made by an earlier version: after `compact`)."""
     path = next(row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main")
-    auto_vacuum = db.execute("PRAGMA auto_vacuum").fetchone()[0]
     return {
         "file_bytes": size_on_disk(spool_files(Path(path))),
         "free_bytes": free_pages_bytes(db),
-        "gives_back_space": auto_vacuum == AUTO_VACUUM_INCREMENTAL,
+        "gives_back_space": gives_back_space(db),
     }
 
 

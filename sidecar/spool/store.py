@@ -262,8 +262,7 @@ class Spool:
         self._next_id = max(int(next_id), max_id + 1)
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self.counts = _count(db)
-        auto_vacuum = db.execute("PRAGMA auto_vacuum").fetchone()[0]
-        self._reclaims = auto_vacuum == AUTO_VACUUM_INCREMENTAL
+        self._reclaims = gives_back_space(db)
         if not self._reclaims:
             log.info("the spool file, made by an earlier version, keeps the room that "
                      "delivered events freed: `precogx-sidecar spool compact`, with the "
@@ -997,6 +996,11 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
 
 def _free_pages(db: Db) -> int:
     return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def gives_back_space(db: Db) -> bool:
+    """Whether the file can give freed pages back (made with auto_vacuum incremental)."""
+    return bool(db.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL)
 
 
 def free_pages_bytes(db: Db) -> int:
