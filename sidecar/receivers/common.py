@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp.hdrs import EXPECT
 
-from sidecar.receivers.validation import Rejection, error_body
+from sidecar.receivers.validation import Rejection
 from sidecar.redaction.stage import Detectors, RedactionStage
 from sidecar.spool import Spool
 
@@ -22,19 +22,27 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 ExpectHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
 
 
+UNKNOWN_EXPECTATION = Rejection(
+    417, "EXPECTATION_FAILED", "only Expect: 100-continue is understood", "invalid_body"
+)
+
+
 async def expect_continue(request: web.BaseRequest) -> web.Response | None:
     """What aiohttp's router does for a route without an expect handler of its own."""
-    if request.headers.get(EXPECT, "").lower() != "100-continue":
-        return json_response(417, error_body(
-            "EXPECTATION_FAILED", "only Expect: 100-continue is understood", {}))
-    await send_continue(request)
+    if not await send_continue(request):
+        return json_response(UNKNOWN_EXPECTATION.status, UNKNOWN_EXPECTATION.body())
     return None
 
 
-async def send_continue(request: web.BaseRequest) -> None:
+async def send_continue(request: web.BaseRequest) -> bool:
+    """Answer ``Expect: 100-continue`` with "100 Continue"; False for any other
+    expectation, which is left to the caller to refuse."""
+    if request.headers.get(EXPECT, "").lower() != "100-continue":
+        return False
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from aiohttp.hdrs import CONTENT_TYPE
 from sidecar.config import ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.receivers.common import (
+    UNKNOWN_EXPECTATION,
     Route,
     UnreadableBody,
     json_response,
@@ -89,12 +90,8 @@ class IngestReceiver:
             self._admit(request, batch)
         except Rejection as r:
             return self._rejected(r)
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return self._rejected(Rejection(
-                417, "EXPECTATION_FAILED", "only Expect: 100-continue is understood",
-                "invalid_body",
-            ))
-        await send_continue(request)
+        if not await send_continue(request):
+            return self._rejected(UNKNOWN_EXPECTATION)
         return None
 
     async def _handle(
