@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
@@ -183,6 +183,14 @@ async def start_sidecar(
         if sidecar.server.receiver.accepting:
             await sidecar.stop()
     await session.close()
+
+
+def missing(what: str, install: str) -> NoReturn:
+    """A tool or package a test needs is not installed: under CI (which must install it)
+    the test fails, elsewhere it skips."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed: .ci/run must install it ({install})")
+    pytest.skip(f"{what} is not installed ({install})")
 
 
 def sidecar_command(*args: str) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import os
 import re
@@ -29,16 +30,29 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import EXAMPLE_EVENT, ROOT, sidecar_command, sidecar_sections, write_config
+from tests.conftest import (
+    EXAMPLE_EVENT,
+    ROOT,
+    missing,
+    sidecar_command,
+    sidecar_sections,
+    write_config,
+)
 from tests.fake_precogx import Delay, FakePrecogX, Respond
 
 SINGLE_PATH = "/api/v1/integrations/dify/telemetry"
 BATCH_PATH = "/api/v1/telemetry/batch"
 BATCH_SIZE = 20
-LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+).*event loop (\w+)")
 START_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 20.0
 DELIVERY_TIMEOUT_S = 30.0
+# The sidecar as where uvloop is not installed: its import fails, and the CLI falls back
+# to asyncio's loop. The rest of the suite runs on uvloop, as the Docker image does.
+WITHOUT_UVLOOP = [
+    "-c", "import sys; sys.modules['uvloop'] = None; "
+    "from sidecar.cli import main; raise SystemExit(main())",
+]
 
 
 # -- the sidecar as a subprocess ---------------------------------------------------
@@ -53,6 +67,7 @@ class SidecarProcess:
     )
     drain: asyncio.Task[None] | None = None
     url: str = ""
+    loop: str = ""
 
     @property
     def pid(self) -> int:
@@ -103,13 +118,15 @@ class SidecarProcess:
         line = raw.decode(errors="replace")
         self.lines.append(line)
         if not self.listening.done() and (match := LISTENING.search(line)):
+            self.loop = match.group(2)
             self.listening.set_result(match.group(1))
 
 
 class Launcher:
     """Starts sidecars on one config (one spool file) and kills every one left at the end."""
 
-    def __init__(self, tmp_path: Path, fake: FakePrecogX) -> None:
+    def __init__(self, tmp_path: Path, fake: FakePrecogX, loop: str = "uvloop") -> None:
+        self.loop = loop
         sections = sidecar_sections(tmp_path, fake.url, log={"level": "info"})
         self.config_path = write_config(tmp_path, sections)
         self.spool_path = tmp_path / "spool.db"
@@ -120,8 +137,11 @@ class Launcher:
         )
 
     async def start(self) -> SidecarProcess:
+        command = sidecar_command("run", "--config", str(self.config_path))
+        if self.loop == "asyncio":
+            command[1:3] = WITHOUT_UVLOOP
         proc = await asyncio.create_subprocess_exec(
-            *sidecar_command("run", "--config", str(self.config_path)),
+            *command,
             cwd=ROOT, env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
@@ -137,6 +157,7 @@ class Launcher:
                 f"sidecar never logged 'listening on' ({e or 'timeout'}; "
                 f"exit code {proc.returncode})\n{sidecar.log_tail()}"
             ) from None
+        assert sidecar.loop == self.loop, sidecar.log_tail()
         return sidecar
 
     async def cleanup(self) -> None:
@@ -151,8 +172,18 @@ class Launcher:
 
 
 @pytest.fixture
-async def launcher(tmp_path: Path, fake: FakePrecogX) -> AsyncIterator[Launcher]:
-    launcher = Launcher(tmp_path, fake)
+def sidecar_loop() -> str:
+    """The loop the sidecar runs on; the tests of both loops override it."""
+    return "uvloop"
+
+
+@pytest.fixture
+async def launcher(
+    tmp_path: Path, fake: FakePrecogX, sidecar_loop: str
+) -> AsyncIterator[Launcher]:
+    if sidecar_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        missing("uvloop", "pip install -e '.[test,speed]'")
+    launcher = Launcher(tmp_path, fake, sidecar_loop)
     try:
         yield launcher
     finally:
@@ -382,6 +413,7 @@ async def restart_and_drain(
 # -- the tests ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sidecar_loop", ["uvloop", "asyncio"])
 async def test_sigkill_mid_load_loses_nothing_acknowledged(
     launcher: Launcher, fake: FakePrecogX, make_load: MakeLoad
 ) -> None:
@@ -459,6 +491,7 @@ async def test_sigkill_during_delivery(
           f"duplicates {duplicates}")
 
 
+@pytest.mark.parametrize("sidecar_loop", ["uvloop", "asyncio"])
 async def test_sigterm_graceful_shutdown_answers_or_refuses(
     launcher: Launcher, fake: FakePrecogX, make_load: MakeLoad
 ) -> None:

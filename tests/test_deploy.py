@@ -8,10 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, missing
 
 OVERRIDE = ROOT / "deploy" / "dify" / "docker-compose.override.yaml"
 DIFY_LIKE = ROOT / "tests" / "data" / "dify-docker-compose.yaml"
@@ -21,9 +20,7 @@ ENV = {"PRECOGX_API_KEY": "px_test_key", "PRECOGX_SIDECAR_INGEST_TOKEN": "t0ken-
 def tool(name: str, install: str) -> str:
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: .ci/run must install it ({install})")
-        pytest.skip(f"{name} not installed ({install})")
+        missing(name, install)
     return path
 
 

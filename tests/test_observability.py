@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -27,7 +26,7 @@ import aiohttp
 import pytest
 
 from sidecar.metrics import Metrics
-from tests.conftest import EXAMPLE_EVENT, ROOT, Sidecar, StartSidecar
+from tests.conftest import EXAMPLE_EVENT, ROOT, Sidecar, StartSidecar, missing
 from tests.fake_precogx import FakePrecogX, Respond
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "precogx-sidecar.json"
@@ -50,11 +49,9 @@ BAD_AGENT = "agent-precogx-refuses"
 
 def tool(name: str) -> str:
     path = shutil.which(name)
-    if path is not None:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is not installed: CI must install it ({INSTALL})")
-    pytest.skip(f"{name} is not installed; on Debian/Ubuntu: {INSTALL}")
+    if path is None:
+        missing(name, INSTALL)
+    return path
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> str:
