@@ -282,7 +282,7 @@ TRIGGER_LITERALS = {
                        b"secretAccessKey"],
     "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
     "slack_token": [*(b"xox%c-" % c for c in b"abeprs"), b"xapp-"],
-    "slack_webhook": [b"hooks.slack.com"],
+    "slack_webhook": [b"hooks.slack.com/", b"hooks.slack.com\\/"],  # JSON may write "\/"
     "private_key": [b"-----BEGIN"],
 }
 # All of them at once, as the pre-check must find them: one regex, slow but plain.
@@ -311,6 +311,35 @@ def test_the_fast_trigger_check_agrees_with_the_trigger_regex(body: bytes) -> No
     from sidecar.redaction.stage import secret_detectors_in
 
     assert bool(secret_detectors_in(body)) == (TRIGGER_REGEX.search(body) is not None)
+
+
+# Pieces of long bodies: each literal, and the near misses left by cutting its first or
+# last byte off; the bytes the check hops between; filler.
+_LONG_BODY_PIECES = sorted({
+    piece
+    for literals in TRIGGER_LITERALS.values() for literal in literals
+    for piece in (literal, literal[1:], literal[:-1])
+} | {b"J", b"_", b"-", b"A", b"/", b"x" * 40, b" " * 700})
+
+
+@settings(max_examples=400, database=None, deadline=None)
+@given(st.lists(st.sampled_from(_LONG_BODY_PIECES), max_size=60).map(b"".join))
+def test_the_fast_trigger_check_agrees_with_the_trigger_regex_on_long_bodies(
+    text: bytes,
+) -> None:
+    """Past stage._HOP_FROM bytes the check hops from one place a group's byte occurs to
+    the next, handing over to the regex's scan where they lie close: it must still name
+    exactly the detectors whose literals the body holds, and no later start."""
+    from sidecar.redaction import SECRET_DETECTORS
+    from sidecar.redaction.stage import _HOP_FROM, secret_triggers_in
+
+    body = b" " * _HOP_FROM + text
+    names, start = secret_triggers_in(body)
+    expected = [name for name in SECRET_DETECTORS
+                if any(literal in body for literal in TRIGGER_LITERALS[name])]
+    assert list(names) == expected
+    first = TRIGGER_REGEX.search(body)
+    assert start <= (first.start() if first else len(body))
 
 
 def test_the_fast_trigger_check_names_each_detector_by_its_literals() -> None:
