@@ -14,6 +14,7 @@ from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.hdrs import EXPECT
 from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import ContentEncodingError
 
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.logs import scrub
@@ -21,7 +22,7 @@ from sidecar.metrics import Metrics
 from sidecar.receivers.common import ExpectHandler, Handler, Route, json_response
 from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
-from sidecar.receivers.validation import error_body
+from sidecar.receivers.validation import Rejection, error_body
 from sidecar.spool import Spool
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,9 +96,68 @@ def build_server(
         Route("GET", "/readyz", readyz),
         Route("GET", "/metrics", metrics_page),
     ]
-    return web.Server(
-        _dispatcher(routes), request_factory=_request_factory(receiver.config.max_body_bytes),
-        access_log=None,
+    return _Server(
+        _dispatcher(routes), _request_factory(receiver.config.max_body_bytes), receiver.rejected
+    )
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, whose connections answer the requests aiohttp itself
+    refuses in PrecogX's error body too."""
+
+    def __init__(
+        self, handler: Handler, request_factory: RequestFactory, rejected: Refuse
+    ) -> None:
+        super().__init__(handler, request_factory=request_factory)
+        self.rejected = rejected
+
+    def __call__(self) -> web.RequestHandler:
+        # No access log (aiohttp takes None for that, though its hint says Logger): one
+        # line per event, formatted in the hot path, that nobody asked for.
+        return _Connection(
+            self, loop=asyncio.get_running_loop(), access_log=None  # type: ignore[arg-type]
+        )
+
+
+class _Connection(web.RequestHandler):
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp cannot parse (a bad header line, chunk size or encoding), or
+        a handler that failed: aiohttp answers in plain text quoting the request's bytes
+        back; this answers as every other refusal, and counts it."""
+        # Logs it (logs.py keeps the request's bytes out); raises once an answer began.
+        super().handle_error(request, status, exc, message)
+        assert isinstance(self._manager, _Server)
+        response = self._manager.rejected(protocol_rejection(status, exc, message))
+        response.force_close()  # as aiohttp's: the stream may be out of step
+        return response
+
+
+def protocol_rejection(
+    status: int, exc: BaseException | None, message: str | None
+) -> Rejection:
+    if status >= 500:  # 504 for a handler's TimeoutError
+        return Rejection(
+            status, "INTERNAL_ERROR",
+            "the sidecar failed on this request (its log says why); the events may or may "
+            "not be stored: a retry with the same Idempotency-Key stores them once",
+            "internal_error",
+        )
+    if isinstance(exc, ContentEncodingError):
+        return Rejection(
+            415, "UNSUPPORTED_CONTENT_ENCODING",
+            "the body's Content-Encoding cannot be decoded here: send it uncompressed, "
+            "gzip or deflate",
+            "invalid_body",
+        )
+    # aiohttp's first line names the fault; the lines after it quote the request.
+    what = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()[:MAX_PATH_SHOWN]
+    return Rejection(
+        status, "MALFORMED_REQUEST",
+        f"the request is not valid HTTP: {what or 'cannot be parsed'}",
+        "malformed_request",
     )
 
 
@@ -143,6 +203,7 @@ def _dispatcher(routes: list[Route]) -> Handler:
     return dispatch
 
 
+Refuse = Callable[[Rejection], web.Response]
 RequestFactory = Callable[
     [RawRequestMessage, StreamReader, web.RequestHandler, AbstractStreamWriter,
      "asyncio.Task[None]"],

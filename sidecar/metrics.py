@@ -32,7 +32,7 @@ FAILURE_REASONS = ("timeout", "connection", "http_4xx", "http_429", "http_5xx", 
 REJECT_REASONS = (
     "invalid_json", "invalid_body", "invalid_event", "unsupported_media_type", "too_large",
     "unauthorized", "invalid_idempotency_key", "idempotency_key_reused", "spool_full",
-    "spool_error", "shutting_down",
+    "spool_error", "shutting_down", "malformed_request", "internal_error",
 )
 DEAD_LETTER_REASONS = ("too_large", "rejected", "client_error", "expired")
 DROP_REASONS = (

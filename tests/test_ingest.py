@@ -861,6 +861,59 @@ async def test_a_client_gone_before_its_body_ends_is_counted_not_logged_as_an_er
     assert stored_rows(sidecar) == []
 
 
+async def raw_request(sidecar: Sidecar, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """Bytes that are not valid HTTP: (status, headers, JSON body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.read(), 30)  # the refusal closes the connection
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, orjson.loads(payload)
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "code", "says"), [
+    (b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\nBad Header: secret-value-7\r\n"
+     b"Content-Length: 2\r\n\r\n{}", 400, "MALFORMED_REQUEST", "Invalid header token"),
+    (b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400,
+     "MALFORMED_REQUEST", "chunk size"),
+    (b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 415,
+     "UNSUPPORTED_CONTENT_ENCODING", "gzip or deflate"),
+])
+async def test_what_aiohttp_cannot_parse_is_refused_in_the_api_error_body(
+    sidecar: Sidecar, request_bytes: bytes, status: int, code: str, says: str,
+) -> None:
+    """aiohttp answered these itself, in plain text quoting the request's bytes back."""
+    got, headers, answer = await raw_request(sidecar, request_bytes)
+    assert (got, headers["Content-Type"]) == (status, "application/json")
+    assert answer["error"]["code"] == code and says in answer["error"]["message"]
+    assert "secret-value" not in str(answer) and "\n" not in answer["error"]["message"]
+    reason = "invalid_body" if status == 415 else "malformed_request"
+    _, metrics = await sidecar.get("/metrics")
+    assert f'precogx_sidecar_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
+    assert stored_rows(sidecar) == []
+
+
+async def test_a_failing_handler_answers_500_in_the_api_error_body(
+    sidecar: Sidecar, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug, but the client still learns what it may assume, and the log has the why."""
+    def broken(n: int) -> list[int]:
+        raise RuntimeError("a bug")
+
+    sidecar.server.spool.allocate_ids = broken  # type: ignore[method-assign]
+    status, answer = await sidecar.post(SINGLE, EXAMPLE_EVENT)
+    assert status == 500
+    assert answer["error"]["code"] == "INTERNAL_ERROR"
+    assert "Idempotency-Key" in answer["error"]["message"]
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="internal_error"} 1.0' in metrics
+
+
 async def test_a_body_that_does_not_decode_gets_400(sidecar: Sidecar) -> None:
     status, answer = await raw_post(sidecar, SINGLE, b"Content-Encoding: gzip\r\n", b"garbage")
     assert status == 400

@@ -89,9 +89,9 @@ class IngestReceiver:
         try:
             self._admit(request, batch)
         except Rejection as r:
-            return self._rejected(r)
+            return self.rejected(r)
         if not await send_continue(request):
-            return self._rejected(UNKNOWN_EXPECTATION)
+            return self.rejected(UNKNOWN_EXPECTATION)
         return None
 
     async def _handle(
@@ -125,14 +125,14 @@ class IngestReceiver:
             except (SpoolFull, LargerThanSpool, IdempotencyKeyReused, SpoolUnavailable) as e:
                 raise self._refusal(e) from None
         except Rejection as r:
-            return self._rejected(r)
+            return self.rejected(r)
         if stored == ids:  # else a repeat, answered with the ids of the first request
             self._received[endpoint].count += len(ids)
             if self._refusing:  # these events found room (a repeat stores nothing)
                 self._spool_full(False)
         return json_response(202, {"accepted": len(stored), "ids": stored})
 
-    def _rejected(self, rejection: Rejection) -> web.Response:
+    def rejected(self, rejection: Rejection) -> web.Response:
         self.metrics.events_rejected.labels(rejection.reason).inc()
         return json_response(rejection.status, rejection.body(), rejection.headers)
 
