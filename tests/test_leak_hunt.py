@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -300,13 +301,24 @@ async def test_dify_inline_marker_unmasks_a_private_key(
 # -- what the upstream answers --------------------------------------------------------
 
 
-@pytest.mark.parametrize("escaped", [False, True])
+# How an upstream's answer may write the key: as it is, or each character escaped by
+# JSON ("px\\u005ftest..."), percent-encoded (a URL in the answer) or as an HTML
+# character reference (a proxy's error page).
+KEY_FORMS: dict[str, Callable[[str], str]] = {
+    "plain": lambda c: c,
+    "json": lambda c: f"\\u{ord(c):04x}",
+    "percent": lambda c: f"%{ord(c):02X}",
+    "html": lambda c: f"&#{ord(c)};",
+    "html-hex": lambda c: f"&#x{ord(c):x};",
+}
+
+
+@pytest.mark.parametrize("form", KEY_FORMS)
 async def test_upstream_error_echoing_the_key_stays_out_of_dead_letters(
-    start_sidecar: StartSidecar, fake: FakePrecogX, escaped: bool
+    start_sidecar: StartSidecar, fake: FakePrecogX, form: str
 ) -> None:
-    """Also when the answer's JSON writes the key with escapes ("px\\u005ftest...")."""
     sidecar = await start_sidecar()
-    quoted = "".join(f"\\u{ord(c):04x}" for c in TEST_KEY) if escaped else TEST_KEY
+    quoted = "".join(KEY_FORMS[form](c) for c in TEST_KEY)
     body = orjson.dumps(error_body("CONFLICT", "key QUOTED may not use this path"))
     fake.script(Respond(409, body.replace(b"QUOTED", quoted.encode())))
     status, _ = await sidecar.post(SINGLE, data=orjson.dumps(event()), headers=JSON)

@@ -428,20 +428,29 @@ class Forwarder:
 
 def _describe(outcome: Outcome) -> str:
     """The outcome as kept with the events and logged: an upstream's error body may quote
-    the API key it was sent, so known secrets are scrubbed from it, JSON's escapes of
-    ASCII characters undone first ("px\\u005flive..." quotes it too)."""
+    the API key it was sent, so known secrets are scrubbed from it, the encodings of
+    ASCII characters undone first: JSON's ("px\\u005flive..."), a URL's ("px%5Flive")
+    and HTML's ("px&#95;live", a proxy's page) quote it too."""
     if outcome.status is None:
         return scrub(f"{outcome.error}: {outcome.body}")
-    body = scrub(_JSON_ASCII_ESCAPE.sub(_unescape, outcome.body))
+    body = scrub(_ENCODED_ASCII.sub(_decoded, outcome.body))
     # On one line: the line breaks of a proxy's HTML page could forge log lines.
     return f"HTTP {outcome.status}: {body[:300].translate(_ESCAPED)}"
 
 
-_JSON_ASCII_ESCAPE = re.compile(r"\\u00([2-7][0-9a-fA-F])|\\(/)")
+_ENCODED_ASCII = re.compile(
+    r"\\u00([2-7][0-9a-fA-F])|\\(/)|%([2-7][0-9a-fA-F])|&#(?:([0-9]{2,3})|[xX]([2-7][0-9a-fA-F]));"
+)
 
 
-def _unescape(m: re.Match[str]) -> str:
-    return chr(int(m[1], 16)) if m[1] else "/"
+def _decoded(m: re.Match[str]) -> str:
+    json_hex, slash, url_hex, html_decimal, html_hex = m.groups()
+    if slash:
+        return slash
+    if html_decimal:
+        code = int(html_decimal)
+        return chr(code) if 32 <= code < 127 else m[0]
+    return chr(int(json_hex or url_hex or html_hex, 16))
 
 
 _ESCAPED = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
