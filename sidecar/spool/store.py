@@ -207,10 +207,14 @@ class Spool:
         self._dir_stamps: tuple[_Stamp | None, ...] = ()
         self._replaced = False
         self._reclaims = False  # the file gives freed pages back (auto_vacuum incremental)
+        self._loop: asyncio.AbstractEventLoop  # set by open()
 
     # -- life cycle ------------------------------------------------------------
 
     async def open(self) -> None:
+        # Kept: on Python 3.11 each get_running_loop() is a getpid() system call, and
+        # append runs once per request.
+        self._loop = asyncio.get_running_loop()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = lock_spool(self._path)
         try:
@@ -325,7 +329,7 @@ class Spool:
         Raises SpoolFull, LargerThanSpool, SpoolUnavailable or IdempotencyKeyReused through
         the future.
         """
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[int]] = self._loop.create_future()
         if self._closing:
             future.set_exception(SpoolUnavailable("shutting down"))
             return future
@@ -607,7 +611,7 @@ class Spool:
 
     async def _submit(self, run: Callable[[Db], Any], after: Callable[[Any], None]) -> Any:
         self._check_open()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._ops.append(_Op(run, after, future))
         self._wake.set()
         return await future
@@ -639,7 +643,7 @@ class Spool:
         inflight = frozenset(self.inflight) if self.config.when_full == "drop_oldest" else None
         checkpoint, self._finish_checkpoint = self._finish_checkpoint, False
         started = time.monotonic()
-        watchdog = asyncio.get_running_loop().call_later(COMMIT_STALL_S, self._stalled, started)
+        watchdog = self._loop.call_later(COMMIT_STALL_S, self._stalled, started)
         # After a failure, only a group that really wrote proves the spool commits again:
         # a read-only op (or BEGIN/COMMIT) succeeds on a read-only file too.
         probe = self.write_error is not None
