@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.aio import cancel_and_wait
 from sidecar.app import build_server
 from sidecar.config import Config, ConfigError, check_listen_auth, read_api_key
 from sidecar.forwarder.client import UpstreamClient
@@ -104,9 +104,7 @@ class Server:
         # 1. Refuse new requests (503 + Retry-After): the client keeps them and retries.
         self.receiver.accepting = False
         if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+            await cancel_and_wait(self._maintenance)
         # 2. Let in-flight upstream requests finish within the grace period; what is
         #    not delivered by then stays in the spool for the next start. The Dify
         #    extension goes on answering and recording meanwhile: refusing its calls

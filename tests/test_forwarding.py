@@ -9,12 +9,15 @@ import logging
 import os
 import signal
 import sqlite3
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
 import pytest
 
 from sidecar import logs
+from sidecar.aio import wait_at_most
+from sidecar.forwarder import forwarder as forwarder_module
 from sidecar.spool import SpoolUnavailable, StoredEvent
 from tests.conftest import EXAMPLE_EVENT, TEST_KEY, Sidecar, StartSidecar
 from tests.fake_precogx import Delay, Drop, DropMidResponse, FakePrecogX, Hold, Respond
@@ -731,3 +734,30 @@ async def test_deliveries_the_spool_cannot_record_pause_the_forwarder(
     assert len(fake.requests) == 1
     with sqlite3.connect(sidecar.config.spool.path) as db:
         assert db.execute("SELECT count(*) FROM events WHERE state = 'pending'").fetchone() == (23,)
+
+
+async def test_shutdown_ends_the_forwarder_even_as_events_arrive(
+    start_sidecar: StartSidecar, fake: FakePrecogX, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.wait_for swallows a cancellation that comes as the awaited
+    event is set: the forwarder, lingering for a batch to fill while events kept
+    arriving, went on lingering after stop() cancelled it, and a SIGTERM under load hung
+    the sidecar for good."""
+    sidecar = await start_sidecar(upstream={"linger_ms": 60_000})
+    spool, forwarder = sidecar.server.spool, sidecar.server.forwarder
+    lingering = asyncio.Event()
+
+    def watched(event: asyncio.Event, seconds: float) -> Coroutine[Any, Any, bool]:
+        if event is spool.data_ready:
+            lingering.set()
+        return wait_at_most(event, seconds)
+
+    monkeypatch.setattr(forwarder_module, "wait_at_most", watched)
+    await post_events(sidecar, 1)
+    await lingering.wait()  # for more events to fill the batch
+    spool.data_ready.set()  # an event arrives; in the same turn of the loop, SIGTERM
+    stopping = asyncio.create_task(forwarder.stop(1.0))
+    done, _ = await asyncio.wait({stopping}, timeout=30)  # bounds the hang
+    assert stopping in done, "the forwarder outlived its stop()"
+    assert fake.received == []  # never sent: it stays in the spool for the next start
+    assert spool.counts.pending == 1

@@ -16,6 +16,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
+from sidecar.aio import wait_at_most
+
 
 class Circuit:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -44,8 +46,7 @@ class Circuit:
     async def _wait_out_hold(self) -> None:
         while self.failures and (remaining := self._open_until - self._clock()) > 0:
             self._woken.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), remaining)
+            await wait_at_most(self._woken, remaining)
 
     def record_success(self, ticket: int) -> None:
         """The request admitted with ``ticket`` got an answer from a working upstream."""

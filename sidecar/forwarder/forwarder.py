@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 
+from sidecar.aio import cancel_and_wait, wait_at_most
 from sidecar.config import Config
 from sidecar.forwarder.circuit import Circuit
 from sidecar.forwarder.client import UpstreamClient
@@ -107,9 +108,7 @@ class Forwarder:
         """Stop claiming; give in-flight requests ``grace_s``; the rest stays spooled."""
         self._stopping = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await cancel_and_wait(self._loop_task)
         # Batches only waiting (out a backoff, say, during an outage) need no grace.
         waiting = self._deliveries - self._sending
         for task in waiting:
@@ -174,16 +173,14 @@ class Forwarder:
             if unclaimed < self.batch_events and since is not None:
                 remaining = since + linger - time.monotonic()
                 if remaining > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(spool.data_ready.wait(), remaining)
+                    await wait_at_most(spool.data_ready, remaining)
                     continue
             await self._after_unrecorded()
             batch = await spool.claim(self.batch_events, self.config.upstream.batch_max_bytes)
             if batch:
                 return batch
             await spool.sync_external_changes()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(spool.data_ready.wait(), RECHECK_S)
+            await wait_at_most(spool.data_ready, RECHECK_S)
 
     # -- delivery --------------------------------------------------------------
 

@@ -23,7 +23,6 @@ workflow HTTP node path is the one that is durable before it answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.aio import wait_at_most
 from sidecar.config import DifyConfig
 from sidecar.logs import Summarised
 from sidecar.metrics import Metrics
@@ -323,10 +323,7 @@ class DifyExtension:
 
     async def _sweep(self) -> None:
         every = min(SWEEP_EVERY_S, self.config.pair_idle_s / 2)
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), every)
-                return
+        while not await wait_at_most(self._stopping, every):
             await self._record(self.pairing.finished())
 
     async def _record(self, conversations: list[Conversation]) -> None:
