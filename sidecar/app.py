@@ -8,13 +8,24 @@ expect-handler plumbing took about 5 % of the CPU of a single-event ingest.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.hdrs import EXPECT
 from aiohttp.http import HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.logs import scrub
@@ -112,14 +123,18 @@ class _Server(web.Server):
         self.rejected = rejected
 
     def __call__(self) -> web.RequestHandler:
-        # No access log (aiohttp takes None for that, though its hint says Logger): one
+        # No access log (None: aiohttp takes that, though its hint says Logger): one
         # line per event, formatted in the hot path, that nobody asked for.
-        return _Connection(
-            self, loop=asyncio.get_running_loop(), access_log=None  # type: ignore[arg-type]
-        )
+        return _Connection(self, loop=asyncio.get_running_loop(), access_log=None)
 
 
 class _Connection(web.RequestHandler):
+    def __init__(self, server: _Server, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        # aiohttp drops its own reference to the server once the connection is lost,
+        # and a handler may fail after that.
+        self._server = server
+
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
@@ -127,36 +142,57 @@ class _Connection(web.RequestHandler):
         """A request aiohttp cannot parse (a bad header line, chunk size or encoding), or
         a handler that failed: aiohttp answers in plain text quoting the request's bytes
         back; this answers as every other refusal, and counts it."""
-        # Logs it (logs.py keeps the request's bytes out); raises once an answer began.
+        # Counted first: aiohttp's handle_error raises when an answer was already begun.
+        response = self._server.rejected(protocol_rejection(status, exc, message))
+        # Logs it (logs.py keeps the request's bytes out).
         super().handle_error(request, status, exc, message)
-        assert isinstance(self._manager, _Server)
-        response = self._manager.rejected(protocol_rejection(status, exc, message))
         response.force_close()  # as aiohttp's: the stream may be out of step
         return response
+
+
+# What aiohttp's message says first, where that is a plain description: otherwise
+# (its pure-Python parser quotes the request line, say) one by the exception's class,
+# never the request's bytes, which may hold a token.
+_DESCRIPTION = re.compile(r"[A-Za-z][A-Za-z ]{0,79}")
+_FAULTS: tuple[tuple[type[Exception], str], ...] = (
+    (BadHttpMethod, "unknown method"),
+    (BadStatusLine, "bad request line"),
+    (InvalidURLError, "bad request target"),
+    (LineTooLong, "a request line or header is too long"),
+    (InvalidHeader, "bad header"),
+    (TransferEncodingError, "bad chunked body"),
+    (ContentLengthError, "the body is shorter than its Content-Length"),
+)
 
 
 def protocol_rejection(
     status: int, exc: BaseException | None, message: str | None
 ) -> Rejection:
-    if status >= 500:  # 504 for a handler's TimeoutError
+    if status >= 500:  # 504 for a handler's TimeoutError: a failure of ours all the same
         return Rejection(
-            status, "INTERNAL_ERROR",
+            500, "INTERNAL_ERROR",
             "the sidecar failed on this request (its log says why); the events may or may "
             "not be stored: a retry with the same Idempotency-Key stores them once",
             "internal_error",
         )
     if isinstance(exc, ContentEncodingError):
+        if "install" in str(exc):  # aiohttp lacks the library for it: br, zstd
+            return Rejection(
+                415, "UNSUPPORTED_CONTENT_ENCODING",
+                "the body's Content-Encoding cannot be decoded here: send it "
+                "uncompressed, gzip or deflate",
+                "invalid_body",
+            )
         return Rejection(
-            415, "UNSUPPORTED_CONTENT_ENCODING",
-            "the body's Content-Encoding cannot be decoded here: send it uncompressed, "
-            "gzip or deflate",
-            "invalid_body",
+            400, "INVALID_BODY", "body cannot be read as sent: it does not decode as its "
+            "Content-Encoding says", "invalid_body",
         )
-    # aiohttp's first line names the fault; the lines after it quote the request.
-    what = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()[:MAX_PATH_SHOWN]
+    first = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()
+    if not _DESCRIPTION.fullmatch(first):
+        first = next((what for kind, what in _FAULTS if isinstance(exc, kind)),
+                     "cannot be parsed")
     return Rejection(
-        status, "MALFORMED_REQUEST",
-        f"the request is not valid HTTP: {what or 'cannot be parsed'}",
+        status, "MALFORMED_REQUEST", f"the request is not valid HTTP: {first}",
         "malformed_request",
     )
 

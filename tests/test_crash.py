@@ -48,7 +48,8 @@ START_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 20.0
 DELIVERY_TIMEOUT_S = 30.0
 # The sidecar as where uvloop is not installed: its import fails, and the CLI falls back
-# to asyncio's loop. The rest of the suite runs on uvloop, as the Docker image does.
+# to asyncio's loop. The other crash tests run on uvloop when it is installed, as the
+# Docker image does (the in-process tests run on pytest-aiohttp's asyncio loop).
 WITHOUT_UVLOOP = [
     "-c", "import sys; sys.modules['uvloop'] = None; "
     "from sidecar.cli import main; raise SystemExit(main())",
@@ -171,17 +172,21 @@ class Launcher:
                     await sidecar.drain
 
 
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
 @pytest.fixture
 def sidecar_loop() -> str:
-    """The loop the sidecar runs on; the tests of both loops override it."""
-    return "uvloop"
+    """The loop the sidecar runs on, as the CLI picks it; the tests of both loops
+    override it."""
+    return "uvloop" if HAVE_UVLOOP else "asyncio"
 
 
 @pytest.fixture
 async def launcher(
     tmp_path: Path, fake: FakePrecogX, sidecar_loop: str
 ) -> AsyncIterator[Launcher]:
-    if sidecar_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+    if sidecar_loop == "uvloop" and not HAVE_UVLOOP:
         missing("uvloop", "pip install -e '.[test,speed]'")
     launcher = Launcher(tmp_path, fake, sidecar_loop)
     try:

@@ -7,13 +7,24 @@ import copy
 import gzip
 import logging
 import os
+import re
 import sqlite3
+import zlib
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadStatusLine,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 
+from sidecar import app as app_module
 from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
 from tests.fake_precogx import FakePrecogX, Hold
 
@@ -895,6 +906,93 @@ async def test_what_aiohttp_cannot_parse_is_refused_in_the_api_error_body(
     _, metrics = await sidecar.get("/metrics")
     assert f'precogx_sidecar_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
     assert stored_rows(sidecar) == []
+
+
+async def test_what_aiohttp_cannot_parse_never_echoes_a_token(
+    start_sidecar: StartSidecar,
+) -> None:
+    """aiohttp's description of the fault may quote the request, and cut to length (as it
+    was), a masked token can come out half readable: only plain words are passed on."""
+    token = "tok-SECRET-0123456789"
+    sidecar = await start_sidecar(server={"ingest_token": token})
+    for request_line in (b"CONNECT " + b"a" * 190 + b">" + token.encode() + b":9 HTTP/1.1",
+                         b"GET /" + token.encode() + b" HTTP/9.9",
+                         b"G\x01T / HTTP/1.1", b"GET /x" + token.encode() + b"\x7f HTTP/1.1"):
+        status, _, answer = await raw_request(sidecar, request_line + b"\r\nHost: x\r\n\r\n")
+        assert status == 400 and answer["error"]["code"] == "MALFORMED_REQUEST", answer
+        assert re.fullmatch(r"the request is not valid HTTP: [A-Za-z ]+",
+                            answer["error"]["message"]), answer
+        assert "SECRET" not in str(answer)
+
+
+@pytest.mark.parametrize("error", [
+    BadStatusLine("GET /tok-SECRET-0123456789 HTTP/9.9"),
+    InvalidURLError("Invalid URL /tok-SECRET-0123456789"),
+    BadHttpMessage("a" * 190 + ">tok-SECRET-0123456789"),
+    TransferEncodingError("Not enough data for satisfy transfer length header."),
+    LineTooLong("Status line is too long", "8190", "9000"),
+])
+def test_only_plain_words_of_aiohttp_s_messages_are_passed_on(error: BadHttpMessage) -> None:
+    """aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS, or no wheel for the platform)
+    quotes the request line or target in its messages."""
+    rejection = app_module.protocol_rejection(400, error, error.message)
+    assert re.fullmatch(r"the request is not valid HTTP: [A-Za-z ]+", rejection.message)
+    assert "SECRET" not in rejection.message
+
+
+async def test_a_body_that_does_not_decode_as_its_encoding_says_gets_400(
+    sidecar: Sidecar,
+) -> None:
+    """A corrupt deflate body, refused by aiohttp as it parses, is no unsupported encoding."""
+    body = zlib.compress(orjson.dumps(EXAMPLE_EVENT))[:-6]
+    status, answer = await raw_post(sidecar, SINGLE, b"Content-Encoding: deflate\r\n", body)
+    assert status == 400 and answer["error"]["code"] == "INVALID_BODY", answer
+    assert stored_rows(sidecar) == []
+
+
+async def test_a_handler_failing_after_the_client_left_is_counted(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp forgets its server once the connection is lost: the 500 was neither
+    counted (no alert) nor logged as itself, but as an AssertionError of ours."""
+    reading, go_on, logged = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    failures: list[logging.LogRecord] = []
+
+    async def read_then_fail(request: Any) -> bytes:
+        reading.set()
+        await go_on.wait()
+        raise RuntimeError("a bug")
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            failures.append(record)
+            logged.set()
+
+    lost = asyncio.Event()
+    connection_lost = app_module._Connection.connection_lost
+
+    def losing(self: web.RequestHandler, exc: BaseException | None) -> None:
+        connection_lost(self, exc)
+        lost.set()
+
+    watch = Watch(logging.ERROR)
+    logging.getLogger("aiohttp").addHandler(watch)
+    try:
+        monkeypatch.setattr(sidecar.server.receiver, "_read", read_then_fail)
+        monkeypatch.setattr(app_module._Connection, "connection_lost", losing)
+        _, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+        writer.write(b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await reading.wait()
+        writer.close()
+        await lost.wait()  # aiohttp has let go of the connection: then the handler fails
+        go_on.set()
+        await asyncio.wait_for(logged.wait(), 30)
+    finally:
+        logging.getLogger("aiohttp").removeHandler(watch)
+    assert [str(r.exc_info[1]) for r in failures if r.exc_info] == ["a bug"]
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="internal_error"} 1.0' in metrics
 
 
 async def test_a_failing_handler_answers_500_in_the_api_error_body(

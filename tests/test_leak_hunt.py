@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import html
 import logging
 import os
+import re
 import signal
 import subprocess
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -310,6 +313,11 @@ KEY_FORMS: dict[str, Callable[[str], str]] = {
     "percent": lambda c: f"%{ord(c):02X}",
     "html": lambda c: f"&#{ord(c)};",
     "html-hex": lambda c: f"&#x{ord(c):x};",
+    "html-padded": lambda c: f"&#x{ord(c):04x};",
+    "html-no-semicolon": lambda c: "&#95" if c == "_" else c,
+    "html-named": lambda c: "&lowbar;" if c == "_" else c,
+    "percent-twice": lambda c: f"%25{ord(c):02X}",
+    "json-then-percent": lambda c: f"\\u0025{ord(c):02X}",
 }
 
 
@@ -333,8 +341,13 @@ async def test_upstream_error_echoing_the_key_stays_out_of_dead_letters(
     assert proc.returncode == 0
     assert b"may not use" in out
     assert TEST_KEY.encode() not in out
-    # Read back as text: no escaped form of the key either.
-    assert quoted not in orjson.loads(out)[0]["error"]
+    # Read back as text: no escaped form of the key either, nor one a reader can undo.
+    error = orjson.loads(out)[0]["error"]
+    assert quoted not in error
+    for _ in range(4):
+        error = html.unescape(urllib.parse.unquote(
+            re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), error)))
+    assert TEST_KEY not in error
 
 
 # -- the command line -----------------------------------------------------------------

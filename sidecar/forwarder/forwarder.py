@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import logging
 import re
 import time
@@ -426,28 +427,32 @@ class Forwarder:
 def _describe(outcome: Outcome) -> str:
     """The outcome as kept with the events and logged: an upstream's error body may quote
     the API key it was sent, so known secrets are scrubbed from it, the encodings of
-    ASCII characters undone first: JSON's ("px\\u005flive..."), a URL's ("px%5Flive")
-    and HTML's ("px&#95;live", a proxy's page) quote it too."""
+    characters undone first: JSON's ("px\\u005flive..."), a URL's ("px%5Flive") and
+    HTML's ("px&#95;live", "px&lowbar;live": a proxy's page) quote it too."""
     if outcome.status is None:
         return scrub(f"{outcome.error}: {outcome.body}")
-    body = scrub(_ENCODED_ASCII.sub(_decoded, outcome.body))
+    body = scrub(_decoded(outcome.body))
     # On one line: the line breaks of a proxy's HTML page could forge log lines.
     return f"HTTP {outcome.status}: {body[:300].translate(_ESCAPED)}"
 
 
-_ENCODED_ASCII = re.compile(
-    r"\\u00([2-7][0-9a-fA-F])|\\(/)|%([2-7][0-9a-fA-F])|&#(?:([0-9]{2,3})|[xX]([2-7][0-9a-fA-F]));"
-)
+_JSON_OR_URL_ESCAPE = re.compile(r"\\u00([2-7][0-9a-fA-F])|\\(/)|%([2-7][0-9a-fA-F])")
+# Encodings inside encodings ("%255F", "&#37;5F") are undone too, up to this depth.
+_DECODE_PASSES = 3
 
 
-def _decoded(m: re.Match[str]) -> str:
-    json_hex, slash, url_hex, html_decimal, html_hex = m.groups()
-    if slash:
-        return slash
-    if html_decimal:
-        code = int(html_decimal)
-        return chr(code) if 32 <= code < 127 else m[0]
-    return chr(int(json_hex or url_hex or html_hex, 16))
+def _decoded(text: str) -> str:
+    for _ in range(_DECODE_PASSES):
+        undone = html.unescape(_JSON_OR_URL_ESCAPE.sub(_ascii, text))
+        if undone == text:
+            break
+        text = undone
+    return text
+
+
+def _ascii(m: re.Match[str]) -> str:
+    json_hex, slash, url_hex = m.groups()
+    return slash or chr(int(json_hex or url_hex, 16))
 
 
 _ESCAPED = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
