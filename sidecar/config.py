@@ -72,6 +72,7 @@ class ServerConfig:
     ingest_token: str = _opt("", secret=True, doc="token clients must send")
     allow_unauthenticated: bool = _opt(False, doc="allow no token on a non-loopback host")
     max_body_bytes: int = _opt(MIB, ge=1024, doc="largest request body accepted")
+    body_timeout_s: float = _opt(60.0, gt=0, doc="longest wait for the rest of a body")
     idempotency_ttl_s: float = _opt(86400.0, gt=0, doc="how long Idempotency-Keys are kept")
     shutdown_grace_s: float = _opt(10.0, ge=0, doc="time in-flight upstream requests get")
 

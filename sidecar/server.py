@@ -53,7 +53,10 @@ class Server:
         self.forwarder = Forwarder(config, self.spool, self.metrics, self.client)
         redact, redact_inline = build_stages(config, self.metrics)
         self.receiver = IngestReceiver(config.server, self.spool, self.metrics, redact)
-        self.dify = DifyExtension(config.dify, self.spool, self.metrics, redact, redact_inline)
+        self.dify = DifyExtension(
+            config.dify, self.spool, self.metrics, redact, redact_inline,
+            config.server.body_timeout_s,
+        )
         self.port: int | None = None
         self.should_exit = asyncio.Event()
         self._runner: web.ServerRunner | None = None

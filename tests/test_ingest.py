@@ -950,6 +950,41 @@ async def test_a_body_that_does_not_decode_as_its_encoding_says_gets_400(
     assert stored_rows(sidecar) == []
 
 
+@pytest.mark.parametrize("rest", [
+    b"",  # the client stalls mid-body
+    b"zz\r\n",  # a bad chunk size after the first packet: aiohttp never tells the reader
+])
+async def test_a_body_that_stops_coming_gets_400_after_body_timeout_s(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch, rest: bytes,
+) -> None:
+    sidecar = await start_sidecar(server={"body_timeout_s": 0.2})
+    receiver, reading = sidecar.server.receiver, asyncio.Event()
+    read = receiver._read
+
+    async def watched(request: Any) -> bytes:
+        reading.set()
+        return await read(request)
+
+    monkeypatch.setattr(receiver, "_read", watched)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\n{\"age\r\n")
+    await reading.wait()  # the headers and the first chunk are in
+    writer.write(rest)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    length = int(next(line for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")).split(b":")[1])
+    answer = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 30))
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert answer["error"]["code"] == "INVALID_BODY"
+    assert "server.body_timeout_s = 0.2 s" in answer["error"]["message"]
+    _, metrics = await sidecar.get("/metrics")
+    assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics
+    assert stored_rows(sidecar) == []
+
+
 async def test_a_handler_failing_after_the_client_left_is_counted(
     sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

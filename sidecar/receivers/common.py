@@ -63,12 +63,13 @@ class UnreadableBody(Exception):
     """The body could not be read as sent; ``str()`` says why, in one line."""
 
 
-async def read_body(request: web.BaseRequest) -> bytes:
+async def read_body(request: web.BaseRequest, timeout_s: float) -> bytes:
     """The whole body, its Content-Encoding undone.
 
     Raises web.HTTPRequestEntityTooLarge past the application's client_max_size,
     measured after decoding, as request.read() does; UnreadableBody for a body that does
-    not decode or that the client stopped sending.
+    not decode, that the client stopped sending, or whose rest has not come within
+    ``timeout_s`` (server.body_timeout_s).
     """
     try:
         content = request.content
@@ -80,7 +81,16 @@ async def read_body(request: web.BaseRequest) -> bytes:
             if limit and len(body) > limit:
                 raise web.HTTPRequestEntityTooLarge(limit)
             return body
-        return await request.read()
+        # Bounded: a client that stalls mid-body (or sends a bad chunk size after the
+        # first packet, which aiohttp never hands to the reader) would hold the handler,
+        # its connection and its memory for as long as it stays connected.
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise UnreadableBody(
+            f"the rest of the body did not come within server.body_timeout_s = "
+            f"{timeout_s:g} s"
+        ) from None
     except web.RequestPayloadError as e:
         encoding = request.headers.get("Content-Encoding", "none")
         reason = " ".join(str(e).split())  # aiohttp's message spans two lines

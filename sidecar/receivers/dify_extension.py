@@ -185,9 +185,10 @@ class Pairing:
 class DifyExtension:
     def __init__(
         self, config: DifyConfig, spool: Spool, metrics: Metrics,
-        redact: RedactionStage, redact_inline: RedactionStage,
+        redact: RedactionStage, redact_inline: RedactionStage, body_timeout_s: float,
     ) -> None:
         self.config = config
+        self.body_timeout_s = body_timeout_s
         self.spool = spool
         self.redact = redact
         self.redact_inline = redact_inline
@@ -234,7 +235,7 @@ class DifyExtension:
             self.metrics.events_rejected.labels("unauthorized").inc()
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         try:
-            body = without_own_secrets(await read_body(request))
+            body = without_own_secrets(await read_body(request, self.body_timeout_s))
             return json_response(200, await self._answer(body))
         except web.HTTPRequestEntityTooLarge:
             # Dify takes any answer but a 200 as the extension failing, and then fails

@@ -166,7 +166,7 @@ class IngestReceiver:
 
     async def _read(self, request: web.BaseRequest) -> bytes:
         try:
-            return await read_body(request)
+            return await read_body(request, self.config.body_timeout_s)
         except web.HTTPRequestEntityTooLarge as e:
             raise _too_large(None, self.config.max_body_bytes) from e
         except UnreadableBody as e:
