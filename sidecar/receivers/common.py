@@ -36,12 +36,12 @@ async def expect_continue(request: web.BaseRequest) -> web.Response | None:
 
 async def send_continue(request: web.BaseRequest) -> bool:
     """Answer ``Expect: 100-continue`` with "100 Continue"; False for any other
-    expectation, which is left to the caller to refuse."""
+    expectation, which is left to the caller to refuse. Only for HTTP/1.1 and later: the
+    dispatch ignores Expect on HTTP/1.0."""
     if request.headers.get(EXPECT, "").lower() != "100-continue":
         return False
-    if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own handler: no body sent yet
     return True
 
 

@@ -697,7 +697,7 @@ _ALL = (
     _detector(
         "slack_webhook",
         _in_text("hooks.slack.com/", r"hooks\.slack\.com/(?:services|workflows|triggers)"
-                 r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="k"),
+                 r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="/"),
         secret=True,
     ),
     # Without an END line (a truncated paste) everything after BEGIN is key material.
