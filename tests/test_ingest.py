@@ -759,17 +759,37 @@ async def raw_post(
     content_type: bytes = b"application/json",
 ) -> tuple[int, Any]:
     """A request written byte for byte: header values no HTTP client would send."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
-    writer.write(
+    status, _, answer = await raw_request(sidecar, (
         b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Content-Type: " + content_type + b"\r\n" + headers
         + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
+    ))
+    return status, answer
+
+
+async def raw_request(sidecar: Sidecar, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """Bytes sent as they are, the answer read until the sidecar closes the connection
+    (Connection: close, or a refusal of bytes that are not valid HTTP): (status, headers,
+    JSON body or None)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(request)
     # Bounded: the bug this guards against left requests unanswered for ever.
     answer = await asyncio.wait_for(reader.read(), 30)
     writer.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), orjson.loads(payload) if payload else None
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, orjson.loads(payload) if payload else None
+
+
+async def json_after(reader: asyncio.StreamReader, head: bytes) -> Any:
+    """The JSON body of the answer whose ``head`` was just read, by its length: after a
+    refusal aiohttp keeps reading what the client may still send for a while before it
+    closes the connection."""
+    length_line = next(line for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:"))
+    return orjson.loads(
+        await asyncio.wait_for(reader.readexactly(int(length_line.split(b":")[1])), 30))
 
 
 async def expecting_continue(
@@ -791,13 +811,9 @@ async def expecting_continue(
         interim = head
         writer.write(body)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    # By its length: after a refusal aiohttp keeps reading what the client may still send
-    # for a while before it closes the connection.
-    length_line = next(line for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:"))
-    payload = await asyncio.wait_for(reader.readexactly(int(length_line.split(b":")[1])), 30)
+    answer = await json_after(reader, head)
     writer.close()
-    return interim, int(head.split()[1]), orjson.loads(payload)
+    return interim, int(head.split()[1]), answer
 
 
 async def test_expect_100_continue_is_refused_before_the_upload(
@@ -870,18 +886,6 @@ async def test_a_client_gone_before_its_body_ends_is_counted_not_logged_as_an_er
     _, metrics = await sidecar.get("/metrics")
     assert 'precogx_sidecar_events_rejected_total{reason="invalid_body"} 1.0' in metrics
     assert stored_rows(sidecar) == []
-
-
-async def raw_request(sidecar: Sidecar, request: bytes) -> tuple[int, dict[str, str], Any]:
-    """Bytes that are not valid HTTP: (status, headers, JSON body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
-    writer.write(request)
-    answer = await asyncio.wait_for(reader.read(), 30)  # the refusal closes the connection
-    writer.close()
-    head, _, payload = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, orjson.loads(payload)
 
 
 @pytest.mark.parametrize(("request_bytes", "status", "code", "says"), [
@@ -973,9 +977,7 @@ async def test_a_body_that_stops_coming_gets_400_after_body_timeout_s(
     await reading.wait()  # the headers and the first chunk are in
     writer.write(rest)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    length = int(next(line for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")).split(b":")[1])
-    answer = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 30))
+    answer = await json_after(reader, head)
     writer.close()
     assert head.startswith(b"HTTP/1.1 400 ")
     assert answer["error"]["code"] == "INVALID_BODY"
