@@ -30,6 +30,11 @@ PRIVATE_KEY = (
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA75fVn\nq1Wx2Zc\n"
     "-----END RSA PRIVATE KEY-----"
 )
+PUTTY_KEY = (
+    "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: ed25519-key-20261124\n"
+    "Public-Lines: 2\nAAAAC3NzaC1lZDI1NTE5AAAAIHd5\nx0NdmQ==\nPrivate-Lines: 1\n"
+    "AAAAIGFzZGZhc2RmYXNkZg==\nPrivate-MAC: 5f1a2b3c4d5e6f708192a3b4c5d6e7f8"
+)
 
 
 def found(detector: str, text: str) -> list[str]:
@@ -144,6 +149,11 @@ POSITIVES = [
     ("private_key", f"here:\n{PRIVATE_KEY}\nthanks", [PRIVATE_KEY]),
     ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt",
      ["-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt"]),
+    ("private_key", f"my key:\n{PUTTY_KEY}\nwhy does it fail?", [PUTTY_KEY]),
+    # Cut before its MAC: the rest is key material.
+    ("private_key", "PuTTY-User-Key-File-2: ssh-rsa\nEncryption: none\nPrivate-Lines: 1\n"
+     "AAABAQCk", ["PuTTY-User-Key-File-2: ssh-rsa\nEncryption: none\nPrivate-Lines: 1\n"
+                  "AAABAQCk"]),
 ]
 
 NEGATIVES = [
@@ -219,6 +229,7 @@ NEGATIVES = [
     ("slack_token", "xoxo-123456789012"),
     ("slack_token", "xapp-no-digits-here"),
     ("private_key", "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----"),
+    ("private_key", "PuTTYgen saves a PuTTY-User-Key-File-N: header, then the key"),
 ]
 
 
@@ -988,6 +999,28 @@ def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, An
     if "thanks" in str(holder):
         assert "thanks" in text  # what follows the END line is no key
     assert redactor.redact(e) == []  # and redacting again changes nothing
+
+
+@pytest.mark.parametrize("lines", [
+    ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAkeymaterial0", "", "xyz1="],
+    ["-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,0A1B",
+     "MIIEowIBAAKCAQEAkeymaterial0\nQWxsIG9mIHRoaXMga2V5bWF0ZXJpYWw"],
+    ["PuTTY-User-Key-File-2: ssh-rsa", "Encryption: none", "Public-Lines: 1",
+     "AAAAB3NzaC1keymaterial0", "Private-Lines: 1", "AAABAQCkeymaterialAndMoreOfItYes"],
+])
+def test_a_private_key_cut_before_its_end_line_is_masked_in_the_strings_that_follow(
+    lines: list[str],
+) -> None:
+    """A key whose lines are list items, cut before its end line: only the first line's
+    string was masked, and the key's body, in the strings after it, stayed in clear."""
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    e = event(toolCalls=[{"output": [*lines, "thanks", "MIIEowIBAAKCAQEAafter0"]}])
+    redactor.redact(e)
+    output = e["toolCalls"][0]["output"]
+    assert output[: len(lines)] == ["[REDACTED:private_key]"] * len(lines)
+    # The first string that cannot be a line of a key ends it: the rest is left.
+    assert output[len(lines):] == ["thanks", "MIIEowIBAAKCAQEAafter0"]
+    assert redactor.redact(e) == []
 
 
 def test_a_private_key_without_its_end_line_is_masked_past_a_nul_in_its_string() -> None:

@@ -557,35 +557,65 @@ def _alnum_token(text: str, start: int, end: int) -> Span | None:
 
 
 _B64URL = "[A-Za-z0-9_-]"
-_BEGIN = re.compile(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
-_END = re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+# Key blocks: the literal that starts one, the regex confirming its first line there,
+# and the line that ends it. PuTTY's .ppk holds the header, the public and private lines,
+# then the MAC of them all.
+_KEY_BLOCKS = (
+    ("-----BEGIN", re.compile(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"),
+     re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")),
+    ("PuTTY-User-Key-File-", re.compile(r"PuTTY-User-Key-File-[0-9]+:"),
+     re.compile(r"Private-MAC:[ \t]*[0-9a-fA-F]+")),
+)
+# Strings that can be lines of a key block, once the block is cut before its end line:
+# base64 holding a digit, "+", "/" or "=" (or long enough that a word is unlikely), a PEM
+# or PuTTY header, or blank. "thanks" is none. Possessive throughout: linear time.
+_KEY_LINES = re.compile(
+    r"(?:\s*+(?>[A-Za-z0-9+/=]{24,}+|[A-Za-z]*+[0-9+/=][A-Za-z0-9+/=]*+"
+    r"|(?:Proc-Type|DEK-Info|Encryption|Comment|Public-Lines|Private-Lines"
+    r"|Key-Derivation|Argon2-[A-Za-z]+):[^\n]*+))*+\s*+"
+)
 
 
 def _find_private_keys(t: Text) -> list[Span]:
-    """From a BEGIN line to the END line that follows, across the strings of the text
-    (an event holding the key's lines as items of a list, or as fields): one span per
-    string on the way, since no span crosses the NUL that joins them. Without an END
-    line (a truncated paste), the rest of BEGIN's string is key material."""
+    """From a key block's first line to the end line that follows, across the strings of
+    the text (an event holding the key's lines as items of a list, or as fields): one span
+    per string on the way, since no span crosses the NUL that joins them. Without an end
+    line (a truncated paste), the rest of the first line's string is key material, and so
+    are the strings after it that look like lines of a key (see _KEY_LINES)."""
     text = t.text
-    if "G" not in text:  # see _in_text's gate
+    if "G" not in text and "Y" not in text:  # see _in_text's gate
         return []
     spans: list[Span] = []
-    i = text.find("-----BEGIN")
-    while i >= 0:
-        if _BEGIN.match(text, i) is None:
-            i = text.find("-----BEGIN", i + 1)
-            continue
-        end = _END.search(text, i)
-        stop = end.end() if end is not None else text.find("\0", i)
-        if stop < 0:
-            stop = len(text)
-        start = i
-        while (nul := text.find("\0", start, stop)) >= 0:
-            spans.append((start, nul))
-            start = nul + 1
-        spans.append((start, stop))
-        i = text.find("-----BEGIN", stop)
+    for literal, first_line, end_line in _KEY_BLOCKS:
+        i = text.find(literal)
+        ends = True  # whether an end line may follow: once none does, none is looked for
+        while i >= 0:
+            if first_line.match(text, i) is None:
+                i = text.find(literal, i + 1)
+                continue
+            end = end_line.search(text, i) if ends else None
+            ends = end is not None
+            stop = end.end() if end is not None else _key_lines_end(text, i)
+            start = i
+            while (nul := text.find("\0", start, stop)) >= 0:
+                spans.append((start, nul))
+                start = nul + 1
+            spans.append((start, stop))
+            i = text.find(literal, stop)
     return spans
+
+
+def _key_lines_end(text: str, i: int) -> int:
+    """The end of the string holding ``i``, and of each string after it that looks like a
+    line of a key block."""
+    stop = text.find("\0", i)
+    while stop >= 0:
+        following = text.find("\0", stop + 1)
+        end = len(text) if following < 0 else following
+        if _KEY_LINES.fullmatch(text, stop + 1, end) is None:
+            return stop
+        stop = following
+    return len(text)
 
 
 _AWS_SECRET = re.compile(
@@ -700,7 +730,8 @@ _ALL = (
                  r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="/"),
         secret=True,
     ),
-    # Without an END line (a truncated paste) everything after BEGIN is key material.
+    # PEM (PKCS#1 and #8, OpenSSH, PGP) and PuTTY key blocks. Without an end line (a
+    # truncated paste) everything after the first line is key material.
     _detector(
         "private_key",
         _find_private_keys,

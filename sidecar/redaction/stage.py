@@ -62,7 +62,8 @@ def read_hmac_key(config: Config) -> bytes | None:
 # (lookbehinds for what precedes it). Each detector's branch ends in an empty group of
 # its own, so one pass over the body names every detector of the group it holds (the
 # match's lastindex), rather than one search per detector. No byte is the group's byte
-# in two literals (private_key's is the last dash, not the first, which may end "sk-"):
+# in two literals (private_key's is the last dash of "-----BEGIN", not the first,
+# which may end "sk-", and the first of "PuTTY-User-Key-File-"):
 # a pass finds each literal at a byte of its own.
 # tests/test_redaction_e2e.py keeps the literals and the detectors in step.
 _Member = tuple[str, re.Pattern[bytes]]
@@ -82,7 +83,7 @@ _TRIGGERS: tuple[_Group, ...] = (
            aws_secret_key=rb"(?:(?<=secret_)access_key|(?<=SECRET_)ACCESS_KEY)",
            github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
-           private_key=rb"(?<=-----)BEGIN"),
+           private_key=rb"(?:(?<=-----)BEGIN|(?<=PuTTY-)User-Key-File-)"),
     _group(b"A", aws_access_key=rb"[KS]IA", aws_secret_key=rb"(?<=[Ss]ecretA)ccessKey"),
     # The slash after the host (which the detector needs too): each of its letters is
     # common in prose. JSON may write it "\/".
