@@ -30,7 +30,13 @@ from aiohttp.http_exceptions import (
 from sidecar.forwarder.forwarder import Forwarder
 from sidecar.logs import scrub
 from sidecar.metrics import Metrics
-from sidecar.receivers.common import ExpectHandler, Handler, Route, json_response
+from sidecar.receivers.common import (
+    SERVER_HEADER,
+    ExpectHandler,
+    Handler,
+    Route,
+    json_response,
+)
 from sidecar.receivers.dify_extension import DifyExtension
 from sidecar.receivers.precogx import IngestReceiver
 from sidecar.receivers.validation import Rejection, error_body
@@ -98,7 +104,9 @@ def build_server(
 
     async def metrics_page(_: web.BaseRequest) -> web.Response:
         show_state()
-        return web.Response(body=metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})
+        return web.Response(
+            body=metrics.render(), headers={**SERVER_HEADER, "Content-Type": PROMETHEUS_TYPE}
+        )
 
     routes = [
         *receiver.routes(),

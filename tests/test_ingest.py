@@ -29,6 +29,7 @@ from tests.conftest import EXAMPLE_EVENT, Sidecar, StartSidecar
 from tests.fake_precogx import FakePrecogX, Hold
 
 SINGLE = "/api/v1/integrations/dify/telemetry"
+EVENT_BYTES = orjson.dumps(EXAMPLE_EVENT)
 INGEST = "/api/v1/telemetry/ingest"
 BATCH = "/api/v1/telemetry/batch"
 
@@ -770,7 +771,7 @@ async def raw_post(
 async def raw_request(sidecar: Sidecar, request: bytes) -> tuple[int, dict[str, str], Any]:
     """Bytes sent as they are, the answer read until the sidecar closes the connection
     (Connection: close, or a refusal of bytes that are not valid HTTP): (status, headers,
-    JSON body or None)."""
+    the JSON body, or None for another type)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
     writer.write(request)
     # Bounded: the bug this guards against left requests unanswered for ever.
@@ -779,7 +780,8 @@ async def raw_request(sidecar: Sidecar, request: bytes) -> tuple[int, dict[str, 
     head, _, payload = answer.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, orjson.loads(payload) if payload else None
+    is_json = headers.get("Content-Type", "").startswith("application/json")
+    return int(lines[0].split()[1]), headers, orjson.loads(payload) if is_json else None
 
 
 async def json_after(reader: asyncio.StreamReader, head: bytes) -> Any:
@@ -910,6 +912,22 @@ async def test_what_aiohttp_cannot_parse_is_refused_in_the_api_error_body(
     _, metrics = await sidecar.get("/metrics")
     assert f'precogx_sidecar_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
     assert stored_rows(sidecar) == []
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"POST " + SINGLE.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(EVENT_BYTES)
+    + EVENT_BYTES,
+    b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",  # refused by aiohttp's parser
+])
+async def test_answers_name_no_versions(sidecar: Sidecar, request_bytes: bytes) -> None:
+    """aiohttp's Server header named Python's version and its own."""
+    status, headers, _ = await raw_request(sidecar, request_bytes)
+    assert status in (200, 202, 400, 404)
+    assert headers["Server"] == "precogx-sidecar"
 
 
 async def test_what_aiohttp_cannot_parse_never_echoes_a_token(

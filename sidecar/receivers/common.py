@@ -53,9 +53,15 @@ class Route:
     expect: ExpectHandler = expect_continue
 
 
+# Who answers, without versions: aiohttp's default names Python's and its own, which
+# tells a scanner which advisories to try. (The version is on /metrics, for operators.)
+SERVER_HEADER = {"Server": "precogx-sidecar"}
+
+
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+        status=status, body=orjson.dumps(body), content_type="application/json",
+        headers={**SERVER_HEADER, **headers} if headers else SERVER_HEADER,
     )
 
 
