@@ -83,7 +83,8 @@ _TRIGGERS: tuple[_Group, ...] = (
            aws_secret_key=rb"(?:(?<=secret_)access_key|(?<=SECRET_)ACCESS_KEY)",
            github_token=rb"(?:(?<=gh[pousr]_)|(?<=github_)pat_)"),
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
-           private_key=rb"(?:(?<=-----)BEGIN|(?<=PuTTY-)User-Key-File-)"),
+           # What follows first: most dashes are followed by neither.
+           private_key=rb"(?:BEGIN(?<=-----BEGIN)|User-Key-File-(?<=PuTTY-User-Key-File-))"),
     _group(b"A", aws_access_key=rb"[KS]IA", aws_secret_key=rb"(?<=[Ss]ecretA)ccessKey"),
     # The slash after the host (which the detector needs too): each of its letters is
     # common in prose. JSON may write it "\/".
