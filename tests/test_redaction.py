@@ -646,8 +646,8 @@ def test_matches_in_every_string_land_in_their_place() -> None:
         "metadata": {"n": "\0\0", "m": "[REDACTED:email]"}, "response": "say \0 [REDACTED:email]",
         "toolCalls": [{"o": ["[REDACTED:email]", "x", "[REDACTED:email]"]}],
     }
-    assert [h.path for h in hits] == [
-        "prompt", "response", "toolCalls[0].o[0]", "toolCalls[0].o[2]", "metadata.m",
+    assert [h.path for h in hits] == [  # breadth first, in order
+        "prompt", "response", "metadata.m", "toolCalls[0].o[0]", "toolCalls[0].o[2]",
     ]
 
 
@@ -658,7 +658,7 @@ def test_matches_under_a_path_land_in_their_place() -> None:
                    {"name": "n", "path": "metadata.*", "patterns": ["x"]}], ev)
     assert ev["metadata"] == {"a": "[REDACTED:n] ****co", "b": {"c": ["****io", 1, "****io"]},
                               "h": "****io"}
-    assert [h.path for h in hits] == [
+    assert [h.path for h in hits] == [  # breadth first, in order, rule by rule
         "metadata.a", "metadata.h", "metadata.b.c[0]", "metadata.b.c[2]", "metadata.a",
     ]
 
@@ -988,6 +988,11 @@ def test_a_pseudonym_lookalike_is_one_only_where_a_rule_hashes() -> None:
                 "-----END RSA PRIVATE KEY-----"]},
     {"head": "-----BEGIN PRIVATE KEY-----", "body": "MIIEvQIBADANkeymaterial0",
      "tail": "-----END PRIVATE KEY----- thanks"},
+    # Sibling objects and lists were read last first: the END line came before BEGIN.
+    {"parts": [{"o": "-----BEGIN RSA PRIVATE KEY-----"}, {"o": "MIIEowIBAAKCAQEAkeymaterial0"},
+               {"o": "xyz1"}, {"o": "-----END RSA PRIVATE KEY-----"}]},
+    {"lines": [["-----BEGIN RSA PRIVATE KEY-----"], ["MIIEowIBAAKCAQEAkeymaterial0"], ["xyz1"],
+               ["-----END RSA PRIVATE KEY-----"]]},
 ])
 def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, Any]) -> None:
     """Only the BEGIN line was masked: the key's body, in the strings after it, stayed."""
@@ -1002,11 +1007,15 @@ def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, An
 
 
 @pytest.mark.parametrize("lines", [
-    ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAkeymaterial0", "", "xyz1="],
+    ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAkeymaterial0", "xyz1="],
     ["-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,0A1B",
-     "MIIEowIBAAKCAQEAkeymaterial0\nQWxsIG9mIHRoaXMga2V5bWF0ZXJpYWw"],
-    ["PuTTY-User-Key-File-2: ssh-rsa", "Encryption: none", "Public-Lines: 1",
-     "AAAAB3NzaC1keymaterial0", "Private-Lines: 1", "AAABAQCkeymaterialAndMoreOfItYes"],
+     "", "MIIEowIBAAKCAQEAkeymaterial0\nQWxsIG9mIHRoaXMga2V5bWF0ZXJpYWw"],
+    # The public part of an ed25519 .ppk ends in a line of four characters.
+    ["PuTTY-User-Key-File-3: ssh-ed25519", "Encryption: none", "Comment: ed25519-key",
+     "Public-Lines: 2", "AAAAC3NzaC1lZDI1NTE5AAAAIHd5kZ0q3lUpX0aB9cD8eF7gH6iJ5kL4mN3oP2qR",
+     "sTuv", "Private-Lines: 1", "AAAAIGFzZGZhc2RmYXNkZjEyMzQ1Njc4OTBhYmNkZWZnaGlq"],
+    ["-----BEGIN PGP PRIVATE KEY BLOCK-----", "Version: GnuPG v2", "",
+     "lQOYBFkeymaterialkeymaterialkeymaterial", "=AbCd"],
 ])
 def test_a_private_key_cut_before_its_end_line_is_masked_in_the_strings_that_follow(
     lines: list[str],
@@ -1014,13 +1023,41 @@ def test_a_private_key_cut_before_its_end_line_is_masked_in_the_strings_that_fol
     """A key whose lines are list items, cut before its end line: only the first line's
     string was masked, and the key's body, in the strings after it, stayed in clear."""
     redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
-    e = event(toolCalls=[{"output": [*lines, "thanks", "MIIEowIBAAKCAQEAafter0"]}])
+    e = event(toolCalls=[{"output": [*lines, "thanks, that is all", "MIIEowIBAAKCAQEAafter0"]}])
     redactor.redact(e)
     output = e["toolCalls"][0]["output"]
-    assert output[: len(lines)] == ["[REDACTED:private_key]"] * len(lines)
+    assert output[: len(lines)] == ["[REDACTED:private_key]" if line else "" for line in lines]
     # The first string that cannot be a line of a key ends it: the rest is left.
-    assert output[len(lines):] == ["thanks", "MIIEowIBAAKCAQEAafter0"]
+    assert output[len(lines):] == ["thanks, that is all", "MIIEowIBAAKCAQEAafter0"]
     assert redactor.redact(e) == []
+
+
+def test_a_cut_private_key_leaves_the_fields_after_it_alone() -> None:
+    """Empty strings, numbers and short words read as lines of the key: one cut key in the
+    prompt masked the response, the ids and the metadata."""
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    e = event(prompt="key: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU",
+              response="", userId=12345, sessionId="s42",
+              metadata={"latency_ms": 812, "region": "eu1", "model": "gpt4o"})
+    before = copy.deepcopy(e)
+    redactor.redact(e)
+    assert e["prompt"] == "key: [REDACTED:private_key]"
+    assert {**e, "prompt": None} == {**before, "prompt": None}
+
+
+def test_the_strings_after_a_cut_private_key_are_followed_so_far() -> None:
+    """An event of a key's first line and half a million strings that look like key
+    lines cost seconds of CPU in masking: a run of strings is followed for as long as the
+    longest keys are."""
+    from sidecar.redaction.detectors import _MAX_KEY_STRINGS
+
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    lines = [f"MIIEowIBAAKCAQEAkeymaterial{i}" for i in range(_MAX_KEY_STRINGS + 10)]
+    e = event(toolCalls=[{"output": ["-----BEGIN RSA PRIVATE KEY-----", *lines]}])
+    redactor.redact(e)
+    output = e["toolCalls"][0]["output"]
+    assert set(output[: _MAX_KEY_STRINGS + 1]) == {"[REDACTED:private_key]"}
+    assert output[_MAX_KEY_STRINGS + 1:] == lines[_MAX_KEY_STRINGS:]
 
 
 def test_a_private_key_without_its_end_line_is_masked_past_a_nul_in_its_string() -> None:

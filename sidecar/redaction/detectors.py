@@ -566,14 +566,19 @@ _KEY_BLOCKS = (
     ("PuTTY-User-Key-File-", re.compile(r"PuTTY-User-Key-File-[0-9]+:"),
      re.compile(r"Private-MAC:[ \t]*[0-9a-fA-F]+")),
 )
-# Strings that can be lines of a key block, once the block is cut before its end line:
-# base64 holding a digit, "+", "/" or "=" (or long enough that a word is unlikely), a PEM
-# or PuTTY header, or blank. "thanks" is none. Possessive throughout: linear time.
-_KEY_LINES = re.compile(
-    r"(?:\s*+(?>[A-Za-z0-9+/=]{24,}+|[A-Za-z]*+[0-9+/=][A-Za-z0-9+/=]*+"
-    r"|(?:Proc-Type|DEK-Info|Encryption|Comment|Public-Lines|Private-Lines"
-    r"|Key-Derivation|Argon2-[A-Za-z]+):[^\n]*+))*+\s*+"
+# The lines of a key block, for a block cut before its end line whose lines are separate
+# strings: base64 lines (16 characters or more, or a shorter one right after such a line,
+# the last of a run) and the headers of PEM, PGP armour and PuTTY. Blank lines pass but
+# end a run: an empty field or a number after a key's last line is no part of it.
+_KEY_HEADER = re.compile(
+    r"(?:Proc-Type|DEK-Info|Version|Comment|Hash|Charset|MessageID|Encryption"
+    r"|Public-Lines|Private-Lines|Key-Derivation|Argon2-[A-Za-z]+):"
 )
+_LONG_LINE = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+_SHORT_LINE = re.compile(r"[A-Za-z0-9+/=]{1,15}")
+# A 4096-bit RSA key takes some 50 lines, a PGP key block some 100: no longer run of
+# strings is followed, which bounds the work an event of many short strings can cause.
+_MAX_KEY_STRINGS = 512
 
 
 def _find_private_keys(t: Text) -> list[Span]:
@@ -581,7 +586,7 @@ def _find_private_keys(t: Text) -> list[Span]:
     the text (an event holding the key's lines as items of a list, or as fields): one span
     per string on the way, since no span crosses the NUL that joins them. Without an end
     line (a truncated paste), the rest of the first line's string is key material, and so
-    are the strings after it that look like lines of a key (see _KEY_LINES)."""
+    are the strings after it that hold lines of the key (see _LONG_LINE)."""
     text = t.text
     if "G" not in text and "Y" not in text:  # see _in_text's gate
         return []
@@ -598,7 +603,8 @@ def _find_private_keys(t: Text) -> list[Span]:
             stop = end.end() if end is not None else _key_lines_end(text, i)
             start = i
             while (nul := text.find("\0", start, stop)) >= 0:
-                spans.append((start, nul))
+                if nul > start:  # an empty string holds nothing to mask
+                    spans.append((start, nul))
                 start = nul + 1
             spans.append((start, stop))
             i = text.find(literal, stop)
@@ -606,16 +612,47 @@ def _find_private_keys(t: Text) -> list[Span]:
 
 
 def _key_lines_end(text: str, i: int) -> int:
-    """The end of the string holding ``i``, and of each string after it that looks like a
-    line of a key block."""
+    """The end of the string holding ``i``, or of the last string after it that holds
+    lines of the key block starting at ``i``."""
     stop = text.find("\0", i)
-    while stop >= 0:
-        following = text.find("\0", stop + 1)
-        end = len(text) if following < 0 else following
-        if _KEY_LINES.fullmatch(text, stop + 1, end) is None:
-            return stop
-        stop = following
-    return len(text)
+    if stop < 0:
+        return len(text)
+    last_line = text[i:stop].rstrip().rpartition("\n")[2].strip()
+    after_long = _LONG_LINE.fullmatch(last_line) is not None
+    end = stop
+    for _ in range(_MAX_KEY_STRINGS):
+        if end == len(text):
+            break
+        start = end + 1
+        nul = text.find("\0", start)
+        end = len(text) if nul < 0 else nul
+        kind, after_long = _key_lines(text[start:end], after_long)
+        if kind is None:
+            break
+        if kind:  # a blank string is passed over, and kept only inside the block
+            stop = end
+    return stop
+
+
+def _key_lines(string: str, after_long: bool) -> tuple[bool | None, bool]:
+    """Whether every line of ``string`` can be a line of a key block: True, False if all
+    are blank, None if one cannot; and whether its last line was a long base64 line."""
+    if not string:
+        return False, False
+    lines = False
+    for line in string.splitlines():
+        line = line.strip()
+        if not line:
+            after_long = False
+            continue
+        if _LONG_LINE.fullmatch(line):
+            after_long = True
+        elif (after_long and _SHORT_LINE.fullmatch(line)) or _KEY_HEADER.match(line):
+            after_long = False
+        else:
+            return None, after_long
+        lines = True
+    return lines, after_long
 
 
 _AWS_SECRET = re.compile(

@@ -18,6 +18,7 @@ import itertools
 import json
 import operator
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -168,9 +169,11 @@ class _Strings:
         self._nuls: list[int] = []  # where the NUL after each string is, once needed
         # Bound once: this loop visits every value of the event.
         add_slot, add_text = self.slots.append, self.texts.append
-        # Iterative: a deeply nested event must not hit the recursion limit.
-        stack: list[tuple[Any, paths.Trail]] = []
-        push = stack.append
+        # Iterative: a deeply nested event must not hit the recursion limit. Breadth
+        # first, so that siblings come in order: what one string continues (a private key
+        # whose lines are the items of a list, or fields of objects in one) comes after it.
+        queue: deque[tuple[Any, paths.Trail]] = deque()
+        push = queue.append
         key: Any
         if located is None:
             for key, value in event.items():
@@ -193,8 +196,9 @@ class _Strings:
                 elif type(value) is int:
                     add_slot((container, key, trail))
                     add_text(str(value))
-        while stack:
-            node, trail = stack.pop()
+        take = queue.popleft
+        while queue:
+            node, trail = take()
             for key, value in node.items() if isinstance(node, dict) else enumerate(node):
                 if isinstance(value, str):
                     add_slot((node, key, trail))
