@@ -30,6 +30,11 @@ PRIVATE_KEY = (
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA75fVn\nq1Wx2Zc\n"
     "-----END RSA PRIVATE KEY-----"
 )
+SSH2_KEY = (
+    "---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nSubject: jane\nComment: \"rsa-key-20261124\"\n"
+    "P2/56wAAAi4AAAA3aWYtbW9kbntzaWdue3JzYS1wa2NzMS1zaGExfSxlbmNyeXB0e3JzYS\n"
+    "---- END SSH2 ENCRYPTED PRIVATE KEY ----"
+)
 PUTTY_KEY = (
     "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: ed25519-key-20261124\n"
     "Public-Lines: 2\nAAAAC3NzaC1lZDI1NTE5AAAAIHd5\nx0NdmQ==\nPrivate-Lines: 1\n"
@@ -150,6 +155,7 @@ POSITIVES = [
     ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt",
      ["-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXkt"]),
     ("private_key", f"my key:\n{PUTTY_KEY}\nwhy does it fail?", [PUTTY_KEY]),
+    ("private_key", f"exported:\n{SSH2_KEY}\nok?", [SSH2_KEY]),
     # Cut before its MAC: the rest is key material.
     ("private_key", "PuTTY-User-Key-File-2: ssh-rsa\nEncryption: none\nPrivate-Lines: 1\n"
      "AAABAQCk", ["PuTTY-User-Key-File-2: ssh-rsa\nEncryption: none\nPrivate-Lines: 1\n"
@@ -230,6 +236,8 @@ NEGATIVES = [
     ("slack_token", "xapp-no-digits-here"),
     ("private_key", "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----"),
     ("private_key", "PuTTYgen saves a PuTTY-User-Key-File-N: header, then the key"),
+    ("private_key",
+     "---- BEGIN SSH2 PUBLIC KEY ----\nAAAAB3NzaC1yc2E\n---- END SSH2 PUBLIC KEY ----"),
 ]
 
 

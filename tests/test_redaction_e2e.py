@@ -283,7 +283,7 @@ TRIGGER_LITERALS = {
     "github_token": [b"github_pat_", *(b"gh%c_" % c for c in b"pousr")],
     "slack_token": [*(b"xox%c-" % c for c in b"abeprs"), b"xapp-"],
     "slack_webhook": [b"hooks.slack.com/", b"hooks.slack.com\\/"],  # JSON may write "\/"
-    "private_key": [b"-----BEGIN", b"PuTTY-User-Key-File-"],
+    "private_key": [b"-----BEGIN", b"PuTTY-User-Key-File-", b"---- BEGIN SSH2 "],
 }
 # All of them at once, as the pre-check must find them: one regex, slow but plain.
 TRIGGER_REGEX = re.compile(b"|".join(

@@ -565,13 +565,16 @@ _KEY_BLOCKS = (
      re.compile(r"-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")),
     ("PuTTY-User-Key-File-", re.compile(r"PuTTY-User-Key-File-[0-9]+:"),
      re.compile(r"Private-MAC:[ \t]*[0-9a-fA-F]+")),
+    # RFC 4716, as ssh.com's tools and PuTTYgen's export write private keys.
+    ("---- BEGIN SSH2 ", re.compile(r"---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----"),
+     re.compile(r"---- END SSH2 ENCRYPTED PRIVATE KEY ----")),
 )
 # The lines of a key block, for a block cut before its end line whose lines are separate
 # strings: base64 lines (16 characters or more, or a shorter one right after such a line,
-# the last of a run) and the headers of PEM, PGP armour and PuTTY. Blank lines pass but
+# the last of a run) and the headers of PEM, PGP armour, PuTTY and RFC 4716. Blank lines pass but
 # end a run: an empty field or a number after a key's last line is no part of it.
 _KEY_HEADER = re.compile(
-    r"(?:Proc-Type|DEK-Info|Version|Comment|Hash|Charset|MessageID|Encryption"
+    r"(?:Proc-Type|DEK-Info|Version|Comment|Subject|Hash|Charset|MessageID|Encryption"
     r"|Public-Lines|Private-Lines|Key-Derivation|Argon2-[A-Za-z]+):"
 )
 _LONG_LINE = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
@@ -767,7 +770,7 @@ _ALL = (
                  r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="/"),
         secret=True,
     ),
-    # PEM (PKCS#1 and #8, OpenSSH, PGP) and PuTTY key blocks. Without an end line (a
+    # PEM (PKCS#1 and #8, OpenSSH, PGP), PuTTY and RFC 4716 key blocks. Without an end line (a
     # truncated paste) everything after the first line is key material.
     _detector(
         "private_key",

@@ -65,7 +65,8 @@ def read_hmac_key(config: Config) -> bytes | None:
 # its own, so one pass over the body names every detector of the group it holds (the
 # match's lastindex), rather than one search per detector. No byte is the group's byte
 # in two literals (private_key's is the last dash of "-----BEGIN", not the first,
-# which may end "sk-", and the first of "PuTTY-User-Key-File-"):
+# which may end "sk-", the first of "PuTTY-User-Key-File-", the fourth of
+# "---- BEGIN SSH2 "):
 # a pass finds each literal at a byte of its own.
 # tests/test_redaction_e2e.py keeps the literals and the detectors in step.
 _Member = tuple[str, re.Pattern[bytes]]
@@ -85,7 +86,8 @@ _TRIGGERS: tuple[_Group, ...] = (
            aws_secret_key=rb"(?:access_key(?<=secret_access_key)|ACCESS_KEY(?<=SECRET_ACCESS_KEY))",
            github_token=rb"(?:(?<=gh[pousr]_)|pat_(?<=github_pat_))"),
     _group(b"-", openai_key=rb"(?<=sk-)", slack_token=rb"(?:(?<=xox[abeprs]-)|(?<=xapp-))",
-           private_key=rb"(?:BEGIN(?<=-----BEGIN)|User-Key-File-(?<=PuTTY-User-Key-File-))"),
+           private_key=rb"(?:BEGIN(?<=-----BEGIN)|User-Key-File-(?<=PuTTY-User-Key-File-)"
+                       rb"| BEGIN SSH2 (?<=---- BEGIN SSH2 ))"),
     _group(b"A", aws_access_key=rb"[KS]IA", aws_secret_key=rb"ccessKey(?<=[Ss]ecretAccessKey)"),
     # The slash after the host (which the detector needs too): each of its letters is
     # common in prose. JSON may write it "\/".
