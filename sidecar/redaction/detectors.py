@@ -571,8 +571,8 @@ _KEY_BLOCKS = (
 )
 # The lines of a key block, for a block cut before its end line whose lines are separate
 # strings: base64 lines (16 characters or more, or a shorter one right after such a line,
-# the last of a run) and the headers of PEM, PGP armour, PuTTY and RFC 4716. Blank lines pass but
-# end a run: an empty field or a number after a key's last line is no part of it.
+# the last of a run) and the headers of PEM, PGP armour, PuTTY and RFC 4716. Blank lines
+# pass but end a run: an empty field or a number after a key's last line is no part of it.
 _KEY_HEADER = re.compile(
     r"(?:Proc-Type|DEK-Info|Version|Comment|Subject|Hash|Charset|MessageID|Encryption"
     r"|Public-Lines|Private-Lines|Key-Derivation|Argon2-[A-Za-z]+):"
@@ -589,7 +589,7 @@ def _find_private_keys(t: Text) -> list[Span]:
     the text (an event holding the key's lines as items of a list, or as fields): one span
     per string on the way, since no span crosses the NUL that joins them. Without an end
     line (a truncated paste), the rest of the first line's string is key material, and so
-    are the strings after it that hold lines of the key (see _LONG_LINE)."""
+    are the strings after it that hold lines of the key (see _key_lines)."""
     text = t.text
     if "G" not in text and "Y" not in text:  # see _in_text's gate
         return []
@@ -770,8 +770,8 @@ _ALL = (
                  r"(?:/[A-Za-z0-9_-]+){2,}", _whole, gate="/"),
         secret=True,
     ),
-    # PEM (PKCS#1 and #8, OpenSSH, PGP), PuTTY and RFC 4716 key blocks. Without an end line (a
-    # truncated paste) everything after the first line is key material.
+    # PEM (PKCS#1 and #8, OpenSSH, PGP), PuTTY and RFC 4716 key blocks. Without an end
+    # line (a truncated paste) everything after the first line is key material.
     _detector(
         "private_key",
         _find_private_keys,
