@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import hmac
@@ -654,7 +655,7 @@ def test_matches_in_every_string_land_in_their_place() -> None:
         "metadata": {"n": "\0\0", "m": "[REDACTED:email]"}, "response": "say \0 [REDACTED:email]",
         "toolCalls": [{"o": ["[REDACTED:email]", "x", "[REDACTED:email]"]}],
     }
-    assert [h.path for h in hits] == [  # breadth first, in order
+    assert [h.path for h in hits] == [  # each container's strings, then those in it
         "prompt", "response", "metadata.m", "toolCalls[0].o[0]", "toolCalls[0].o[2]",
     ]
 
@@ -666,7 +667,7 @@ def test_matches_under_a_path_land_in_their_place() -> None:
                    {"name": "n", "path": "metadata.*", "patterns": ["x"]}], ev)
     assert ev["metadata"] == {"a": "[REDACTED:n] ****co", "b": {"c": ["****io", 1, "****io"]},
                               "h": "****io"}
-    assert [h.path for h in hits] == [  # breadth first, in order, rule by rule
+    assert [h.path for h in hits] == [  # in the order read, rule by rule
         "metadata.a", "metadata.h", "metadata.b.c[0]", "metadata.b.c[2]", "metadata.a",
     ]
 
@@ -1014,16 +1015,25 @@ def test_a_private_key_split_across_strings_is_masked_whole(holder: dict[str, An
     assert redactor.redact(e) == []  # and redacting again changes nothing
 
 
+def key_lines(seed: str, length: int, width: int = 64) -> list[str]:
+    """``length`` characters of base64, as a key block wraps them at ``width``."""
+    data = b"".join(hashlib.sha512(f"{seed}{i}".encode()).digest() for i in range(length // 64 + 1))
+    text = base64.b64encode(data).decode()[:length]
+    return [text[i:i + width] for i in range(0, length, width)]
+
+
 @pytest.mark.parametrize("lines", [
-    ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEAkeymaterial0", "xyz1="],
+    ["-----BEGIN RSA PRIVATE KEY-----", *key_lines("rsa", 300)],
+    ["-----BEGIN OPENSSH PRIVATE KEY-----", *key_lines("openssh", 280, width=70)],
     ["-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,0A1B",
-     "", "MIIEowIBAAKCAQEAkeymaterial0\nQWxsIG9mIHRoaXMga2V5bWF0ZXJpYWw"],
-    # The public part of an ed25519 .ppk ends in a line of four characters.
+     "", "\n".join(key_lines("encrypted", 192))],
+    # The public part of an ed25519 .ppk ends in a line of four characters (letters only,
+    # nearly one time in two).
     ["PuTTY-User-Key-File-3: ssh-ed25519", "Encryption: none", "Comment: ed25519-key",
-     "Public-Lines: 2", "AAAAC3NzaC1lZDI1NTE5AAAAIHd5kZ0q3lUpX0aB9cD8eF7gH6iJ5kL4mN3oP2qR",
-     "sTuv", "Private-Lines: 1", "AAAAIGFzZGZhc2RmYXNkZjEyMzQ1Njc4OTBhYmNkZWZnaGlq"],
+     "Public-Lines: 2", *key_lines("public", 64), "sTuv", "Private-Lines: 1",
+     *key_lines("private", 48)],
     ["-----BEGIN PGP PRIVATE KEY BLOCK-----", "Version: GnuPG v2", "",
-     "lQOYBFkeymaterialkeymaterialkeymaterial", "=AbCd"],
+     *key_lines("pgp", 200), "=AbCd"],
 ])
 def test_a_private_key_cut_before_its_end_line_is_masked_in_the_strings_that_follow(
     lines: list[str],
@@ -1031,26 +1041,52 @@ def test_a_private_key_cut_before_its_end_line_is_masked_in_the_strings_that_fol
     """A key whose lines are list items, cut before its end line: only the first line's
     string was masked, and the key's body, in the strings after it, stayed in clear."""
     redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
-    e = event(toolCalls=[{"output": [*lines, "thanks, that is all", "MIIEowIBAAKCAQEAafter0"]}])
+    after = ["Thanks", "thanks, that is all", *key_lines("after", 64)]
+    e = event(toolCalls=[{"output": [*lines, *after]}])
     redactor.redact(e)
     output = e["toolCalls"][0]["output"]
     assert output[: len(lines)] == ["[REDACTED:private_key]" if line else "" for line in lines]
-    # The first string that cannot be a line of a key ends it: the rest is left.
-    assert output[len(lines):] == ["thanks, that is all", "MIIEowIBAAKCAQEAafter0"]
+    # The first string that cannot be a line of the key ends it: the rest is left.
+    assert output[len(lines):] == after
     assert redactor.redact(e) == []
 
 
-def test_a_cut_private_key_leaves_the_fields_after_it_alone() -> None:
+@pytest.mark.parametrize("after", [
+    {"response": "Thanks"}, {"response": "OK"}, {"response": "Acknowledgements"},
+    {"response": "", "userId": 12345, "sessionId": "s42"},
+    {"response": "ok", "metadata": {"max_tokens": 512, "region": "eu1", "model": "gpt4o"}},
+    {"response": "Okay", "userId": "user42"},  # a last line, then no line of a key
+])
+@pytest.mark.parametrize("key", [
+    "-----BEGIN OPENSSH PRIVATE KEY-----",  # cut right after its first line
+    "\n".join(["-----BEGIN RSA PRIVATE KEY-----", *key_lines("cut", 320)]),
+])
+def test_a_cut_private_key_leaves_the_fields_after_it_alone(
+    key: str, after: dict[str, Any],
+) -> None:
     """Empty strings, numbers and short words read as lines of the key: one cut key in the
     prompt masked the response, the ids and the metadata."""
     redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
-    e = event(prompt="key: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU",
-              response="", userId=12345, sessionId="s42",
-              metadata={"latency_ms": 812, "region": "eu1", "model": "gpt4o"})
+    e = event(prompt=f"my key: {key}", **after)
     before = copy.deepcopy(e)
     redactor.redact(e)
-    assert e["prompt"] == "key: [REDACTED:private_key]"
+    assert e["prompt"] == "my key: [REDACTED:private_key]"
+    if after["response"] == "Okay" and "\n" in key:  # a last line for all it can tell
+        before["response"] = "[REDACTED:private_key]"
     assert {**e, "prompt": None} == {**before, "prompt": None}
+
+
+def test_a_cut_private_key_is_masked_across_containers_in_document_order() -> None:
+    """Read breadth first, a sibling object's string comes between a key's first line and
+    the list of its other lines, and ends the run."""
+    redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
+    e = event(metadata={"key": {"h": "-----BEGIN RSA PRIVATE KEY-----",
+                                "l": key_lines("nested", 132)},
+                        "node": {"title": "Sign"}})
+    redactor.redact(e)
+    assert e["metadata"] == {"key": {"h": "[REDACTED:private_key]",
+                                     "l": ["[REDACTED:private_key]"] * 3},
+                             "node": {"title": "Sign"}}
 
 
 def test_the_strings_after_a_cut_private_key_are_followed_so_far() -> None:
@@ -1060,7 +1096,7 @@ def test_the_strings_after_a_cut_private_key_are_followed_so_far() -> None:
     from sidecar.redaction.detectors import _MAX_KEY_STRINGS
 
     redactor = build_redactor([{"name": "s", "detectors": ["private_key"]}], None)
-    lines = [f"MIIEowIBAAKCAQEAkeymaterial{i}" for i in range(_MAX_KEY_STRINGS + 10)]
+    lines = key_lines("long", 64 * (_MAX_KEY_STRINGS + 10))
     e = event(toolCalls=[{"output": ["-----BEGIN RSA PRIVATE KEY-----", *lines]}])
     redactor.redact(e)
     output = e["toolCalls"][0]["output"]

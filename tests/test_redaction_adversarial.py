@@ -397,3 +397,20 @@ def test_key_blocks_without_end_lines_look_for_one_once(monkeypatch: pytest.Monk
     spans = detectors.DETECTORS["private_key"].find(text)
     assert len(spans) == 1000  # every first line masked, each to the end of its string
     assert [end.searches for _, _, end in counted] == [1, 1, 0]  # no RFC 4716 block here
+
+
+def test_events_nested_as_deep_as_json_goes_are_redacted_again_and_again() -> None:
+    """The place of a hit is cached by its trail: the second event nested 1,000 levels
+    deep compared two such trails and raised RecursionError (a 500 for the request)."""
+    stage = RedactionStage(build_redactor([], KEY), build_redactor([BUILTIN_SECRETS], None))
+    body = (b'{"agentId":"a","prompt":"p","response":"r","metadata":' + b'{"k":' * 1000
+            + b'"' + PRIVATE_KEY.replace("\n", "\\n").encode() + b'"' + b"}" * 1001)
+    for _ in range(2):
+        masked, secrets = stage.mask_body(body)
+        event = orjson.loads(masked)
+        hits = stage(event, secrets)
+        assert [hit.path.count(".k") for hit in hits] == [1000]
+        node = event["metadata"]
+        for _ in range(999):
+            node = node["k"]
+        assert node == {"k": "[REDACTED:private_key]"}

@@ -569,19 +569,64 @@ _KEY_BLOCKS = (
     ("---- BEGIN SSH2 ", re.compile(r"---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----"),
      re.compile(r"---- END SSH2 ENCRYPTED PRIVATE KEY ----")),
 )
-# The lines of a key block, for a block cut before its end line whose lines are separate
-# strings: base64 lines (16 characters or more, or a shorter one right after such a line,
-# the last of a run) and the headers of PEM, PGP armour, PuTTY and RFC 4716. Blank lines
-# pass but end a run: an empty field or a number after a key's last line is no part of it.
+# Where the lines of a key block cut before its end line are separate strings, the
+# strings after its first line are read for as long as each holds lines of it (see
+# _KeyRun): the headers of PEM, PGP armour, PuTTY and RFC 4716, base64 lines all as long
+# as the first, the shorter last line of a run, PGP's checksum line, blank lines.
 _KEY_HEADER = re.compile(
     r"(?:Proc-Type|DEK-Info|Version|Comment|Subject|Hash|Charset|MessageID|Encryption"
     r"|Public-Lines|Private-Lines|Key-Derivation|Argon2-[A-Za-z]+):"
 )
-_LONG_LINE = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
-_SHORT_LINE = re.compile(r"[A-Za-z0-9+/=]{1,15}")
+_BASE64_LINE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_KEY_LIKE = re.compile(r"[0-9+/=]")  # a line of a key (not a word) holds one of them
+_PGP_CHECKSUM = re.compile(r"=[A-Za-z0-9+/]{4}")
 # A 4096-bit RSA key takes some 50 lines, a PGP key block some 100: no longer run of
 # strings is followed, which bounds the work an event of many short strings can cause.
 _MAX_KEY_STRINGS = 512
+
+
+class _KeyRun:
+    """The lines of a key block read so far: whether the next one can belong to it.
+
+    A base64 run's lines are all as long as its first (64 or 70 characters), but for a
+    shorter last one that completes its base64 (a length divisible by 4): a word or a
+    number after a key's last full line is no part of it. Lines of 16 characters or more
+    hold a digit, "+", "/" or "=", but for a first one of 40 or more (a line of a key
+    lacks them all one time in 30 at 16 characters, one in 4,000 at 40). A header
+    starts a new run (PuTTY's private lines follow its public ones)."""
+
+    __slots__ = ("ended", "length", "width")
+
+    def __init__(self) -> None:
+        self.width = 0  # of the run's lines; 0 before its first
+        self.length = 0  # base64 characters in the run
+        self.ended = False  # by its last line, or a blank one after it
+
+    def takes(self, line: str) -> bool:
+        if not line:
+            self.ended = self.ended or self.width > 0
+            return True
+        if _KEY_HEADER.match(line):
+            self.width = self.length = 0
+            self.ended = False
+            return True
+        if self.ended:
+            return _PGP_CHECKSUM.fullmatch(line) is not None
+        if _BASE64_LINE.fullmatch(line) is None or line.isdigit():
+            return False
+        if not self.width:
+            if len(line) < 16 or (len(line) < 40 and _KEY_LIKE.search(line) is None):
+                return False
+            self.width = len(line)
+        elif len(line) > self.width:
+            return False
+        elif len(line) < self.width:
+            self.ended = True
+            if len(line) >= 16 and _KEY_LIKE.search(line) is None:
+                return False
+            return (self.length + len(line)) % 4 == 0
+        self.length += len(line)
+        return True
 
 
 def _find_private_keys(t: Text) -> list[Span]:
@@ -589,7 +634,7 @@ def _find_private_keys(t: Text) -> list[Span]:
     the text (an event holding the key's lines as items of a list, or as fields): one span
     per string on the way, since no span crosses the NUL that joins them. Without an end
     line (a truncated paste), the rest of the first line's string is key material, and so
-    are the strings after it that hold lines of the key (see _key_lines)."""
+    are the strings after it that hold lines of the block (see _KeyRun)."""
     text = t.text
     if "G" not in text and "Y" not in text:  # see _in_text's gate
         return []
@@ -598,12 +643,14 @@ def _find_private_keys(t: Text) -> list[Span]:
         i = text.find(literal)
         ends = True  # whether an end line may follow: once none does, none is looked for
         while i >= 0:
-            if first_line.match(text, i) is None:
+            first = first_line.match(text, i)
+            if first is None:
                 i = text.find(literal, i + 1)
                 continue
+            first_line_end = first.end()
             end = end_line.search(text, i) if ends else None
             ends = end is not None
-            stop = end.end() if end is not None else _key_lines_end(text, i)
+            stop = end.end() if end is not None else _key_lines_end(text, i, first_line_end)
             start = i
             while (nul := text.find("\0", start, stop)) >= 0:
                 if nul > start:  # an empty string holds nothing to mask
@@ -614,14 +661,16 @@ def _find_private_keys(t: Text) -> list[Span]:
     return spans
 
 
-def _key_lines_end(text: str, i: int) -> int:
-    """The end of the string holding ``i``, or of the last string after it that holds
-    lines of the key block starting at ``i``."""
+def _key_lines_end(text: str, i: int, first_line_end: int) -> int:
+    """The end of the string holding ``i``, the first line of a key block without its end
+    line, or of the last string after it that holds lines of the block (see _KeyRun)."""
     stop = text.find("\0", i)
     if stop < 0:
         return len(text)
-    last_line = text[i:stop].rstrip().rpartition("\n")[2].strip()
-    after_long = _LONG_LINE.fullmatch(last_line) is not None
+    run = _KeyRun()
+    # The rest of the first line is its own (PuTTY's key type).
+    if not all(run.takes(line.strip()) for line in text[first_line_end:stop].splitlines()[1:]):
+        return stop  # the block ended in its string
     end = stop
     for _ in range(_MAX_KEY_STRINGS):
         if end == len(text):
@@ -629,33 +678,19 @@ def _key_lines_end(text: str, i: int) -> int:
         start = end + 1
         nul = text.find("\0", start)
         end = len(text) if nul < 0 else nul
-        kind, after_long = _key_lines(text[start:end], after_long)
-        if kind is None:
-            break
-        if kind:  # a blank string is passed over, and kept only inside the block
-            stop = end
-    return stop
-
-
-def _key_lines(string: str, after_long: bool) -> tuple[bool | None, bool]:
-    """Whether every line of ``string`` can be a line of a key block: True, False if all
-    are blank, None if one cannot; and whether its last line was a long base64 line."""
-    if not string:
-        return False, False
-    lines = False
-    for line in string.splitlines():
-        line = line.strip()
-        if not line:
-            after_long = False
-            continue
-        if _LONG_LINE.fullmatch(line):
-            after_long = True
-        elif (after_long and _SHORT_LINE.fullmatch(line)) or _KEY_HEADER.match(line):
-            after_long = False
+        taken = 0
+        for line in text[start:end].splitlines() or [""]:
+            if not run.takes(line := line.strip()):
+                break
+            taken += line != ""
         else:
-            return None, after_long
-        lines = True
-    return lines, after_long
+            if taken:
+                stop = end  # blank strings are passed over, and kept only inside the block
+            continue
+        # A string whose first lines belong to the block is masked whole (the block ends
+        # in it).
+        return end if taken else stop
+    return stop
 
 
 _AWS_SECRET = re.compile(

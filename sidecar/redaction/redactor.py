@@ -18,7 +18,6 @@ import itertools
 import json
 import operator
 import re
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -169,11 +168,12 @@ class _Strings:
         self._nuls: list[int] = []  # where the NUL after each string is, once needed
         # Bound once: this loop visits every value of the event.
         add_slot, add_text = self.slots.append, self.texts.append
-        # Iterative: a deeply nested event must not hit the recursion limit. Breadth
-        # first, so that siblings come in order: what one string continues (a private key
-        # whose lines are the items of a list, or fields of objects in one) comes after it.
-        queue: deque[tuple[Any, paths.Trail]] = deque()
-        push = queue.append
+        # Iterative: a deeply nested event must not hit the recursion limit. Depth first,
+        # each container's strings then the containers in it, in order (what a container
+        # holds is pushed in reverse): what one string continues (a private key whose lines
+        # are the items of a list, fields of objects in one) comes after it.
+        stack: list[tuple[Any, paths.Trail]] = []
+        push = stack.append
         key: Any
         if located is None:
             for key, value in event.items():
@@ -196,18 +196,25 @@ class _Strings:
                 elif type(value) is int:
                     add_slot((container, key, trail))
                     add_text(str(value))
-        take = queue.popleft
-        while queue:
-            node, trail = take()
+        stack.reverse()
+        while stack:
+            node, trail = stack.pop()
+            inner: list[tuple[Any, paths.Trail]] | None = None
             for key, value in node.items() if isinstance(node, dict) else enumerate(node):
                 if isinstance(value, str):
                     add_slot((node, key, trail))
                     add_text(value)
                 elif isinstance(value, _CONTAINERS):
-                    push((value, (trail, key)))
+                    if inner is None:
+                        inner = [(value, (trail, key))]
+                    else:
+                        inner.append((value, (trail, key)))
                 elif type(value) is int:  # a card number sent as a JSON number
                     add_slot((node, key, trail))
                     add_text(str(value))
+            if inner is not None:
+                inner.reverse()
+                stack += inner
 
     def joined(self) -> Text:
         if self._joined is None:
@@ -349,7 +356,13 @@ def _hit_of(rule: Rule) -> HitOf:
 
     def hit(trail: paths.Trail, key: Any) -> Hit:
         place = (trail, key)
-        found = cache.get(place)
+        try:
+            found = cache.get(place)
+        except RecursionError:
+            # A trail is as deep as the string in the event (orjson reads 1,024 levels),
+            # and two equal ones are compared level by level: past the recursion limit
+            # the second event as deep as the first failed with a 500.
+            return Hit(rule.name, rule.action, paths.render(trail, key))
         if found is None:
             if len(cache) >= _HIT_CACHE_SIZE:
                 cache.clear()
