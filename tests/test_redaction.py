@@ -1024,6 +1024,7 @@ def key_lines(seed: str, length: int, width: int = 64) -> list[str]:
 
 @pytest.mark.parametrize("lines", [
     ["-----BEGIN RSA PRIVATE KEY-----", *key_lines("rsa", 300)],
+    ["-----BEGIN RSA PRIVATE KEY-----", *key_lines("blank", 128), "", *key_lines("lines", 72)],
     ["-----BEGIN OPENSSH PRIVATE KEY-----", *key_lines("openssh", 280, width=70)],
     ["-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,0A1B",
      "", "\n".join(key_lines("encrypted", 192))],

@@ -600,11 +600,10 @@ class _KeyRun:
     def __init__(self) -> None:
         self.width = 0  # of the run's lines; 0 before its first
         self.length = 0  # base64 characters in the run
-        self.ended = False  # by its last line, or a blank one after it
+        self.ended = False  # by its last line
 
     def takes(self, line: str) -> bool:
-        if not line:
-            self.ended = self.ended or self.width > 0
+        if not line:  # in no key's base64, but in a list split from its text
             return True
         if _KEY_HEADER.match(line):
             self.width = self.length = 0
