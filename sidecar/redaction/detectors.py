@@ -620,10 +620,12 @@ class _KeyRun:
         elif len(line) > self.width:
             return False
         elif len(line) < self.width:
-            self.ended = True
-            if len(line) >= 16 and _KEY_LIKE.search(line) is None:
+            if (self.length + len(line)) % 4 or (
+                len(line) >= 16 and _KEY_LIKE.search(line) is None
+            ):
                 return False
-            return (self.length + len(line)) % 4 == 0
+            self.ended = True
+            return True
         self.length += len(line)
         return True
 
