@@ -29,6 +29,9 @@ SECRETS = {
     "email": "jane.doe@example.com",
     "card": "4111 1111 1111 1111",
     "account": "DE89370400440532013000",
+    # A line of a PuTTY key's private part, and of a PEM key cut before its END line.
+    "putty": "AAAAIGFzZGZhc2RmYXNkZjEyMzQ1Njc4OTBhYmNkZWZnaGlq",
+    "pem_line": "MIIEowIBAAKCAQEA75fVnq1Wx2Zc0kS9bT3uV7yW1xZ4aC6dE8fG0hJ2kL4mN6oP",
 }
 # In order: the account keeps its last four before the IBAN detector would mask it whole.
 RULES: list[dict[str, Any]] = [
@@ -51,7 +54,14 @@ def seeded_event(i: int) -> dict[str, Any]:
                      "alerts": f"https://{SECRETS['webhook']}"}
     e["userId"] = "user-42"
     e["metadata"]["customer_email"] = "private@example.org"
-    e["toolCalls"] = [{"name": "pay", "input": {"account": SECRETS["account"]}}]
+    e["toolCalls"] = [
+        {"name": "pay", "input": {"account": SECRETS["account"]}},
+        {"name": "read_file", "output": {
+            "ppk": "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nPrivate-Lines: 1\n"
+                   f"{SECRETS['putty']}\nPrivate-MAC: 5f1a2b3c4d5e6f70",
+            "pem": ["-----BEGIN RSA PRIVATE KEY-----", SECRETS["pem_line"], "q1Wx2Zc="],
+        }},
+    ]
     return e
 
 
