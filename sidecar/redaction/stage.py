@@ -58,16 +58,15 @@ def read_hmac_key(config: Config) -> bytes | None:
 # group's regex there only (17 us).
 # The byte is held as an int: ``bytes in bytes`` first tries its operand as an int and
 # formats (then drops) a TypeError, five times the cost of the memchr.
-# Each group's regex is the shared byte, then what follows it in each detector's literal,
-# then a lookbehind for the whole literal: most places the byte occurs are followed by
-# none of them, and a character compared fails sooner than a lookbehind (a quarter off
-# the "_" group's pass over JSON keys). Each detector's branch ends in an empty group of
-# its own, so one pass over the body names every detector of the group it holds (the
-# match's lastindex), rather than one search per detector. No byte is the group's byte
-# in two literals (private_key's is the last dash of "-----BEGIN", not the first,
-# which may end "sk-", the first of "PuTTY-User-Key-File-", the fourth of
-# "---- BEGIN SSH2 "):
-# a pass finds each literal at a byte of its own.
+# Each group's regex is the shared byte, then what follows it in each detector's literal
+# (if anything), then a lookbehind for the whole literal: most places the byte occurs
+# are followed by none of them, and a character compared fails sooner than a lookbehind
+# (a quarter off the "_" group's pass over JSON keys). Each detector's branch ends in an
+# empty group of its own, so one pass over the body names every detector of the group it
+# holds (the match's lastindex), rather than one search per detector. No byte is the
+# group's byte in two literals (private_key's is the last dash of "-----BEGIN", not the
+# first, which may end "sk-"; the first of "PuTTY-User-Key-File-"; the fourth of
+# "---- BEGIN SSH2 "): a pass finds each literal at a byte of its own.
 # tests/test_redaction_e2e.py keeps the literals and the detectors in step.
 _Member = tuple[str, re.Pattern[bytes]]
 _Group = tuple[int, re.Pattern[bytes], tuple[_Member, ...]]
